@@ -1,0 +1,308 @@
+//! Configuration in two stages: [`ServeArgs`] (flags and `PREFSD_*`
+//! environment, via clap) and [`FileConfig`] (the TOML file) are merged —
+//! flag over env over file over default — and validated into [`Config`],
+//! which is passed down by value. Every bad setting is reported at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::{ApiKey, Role, parse_hash};
+use crate::domain::ChannelName;
+
+/// Default API address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Default data directory.
+pub const DEFAULT_DATA: &str = "./prefsd-data";
+
+/// `prefsd serve` flags; each also reads its `PREFSD_*` variable.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "PREFSD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the API [default: 127.0.0.1:7070].
+    #[arg(long, env = "PREFSD_LISTEN")]
+    pub listen: Option<String>,
+    /// Data directory holding prefsd.redb [default: ./prefsd-data].
+    #[arg(long, env = "PREFSD_DATA")]
+    pub data: Option<PathBuf>,
+    /// Extra listener for /metrics, /healthz and /readyz only.
+    #[arg(long, env = "PREFSD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Channels, comma-separated [default: email,sms].
+    #[arg(long, env = "PREFSD_CHANNELS", value_delimiter = ',')]
+    pub channels: Option<Vec<String>>,
+    /// API keys as NAME:ROLE:SHA256HEX, comma-separated (see `prefsd key`).
+    #[arg(long, env = "PREFSD_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub keys: Option<Vec<String>>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "PREFSD_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Largest request body on ordinary routes, in bytes [default: 65536].
+    #[arg(long, env = "PREFSD_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Largest body of POST /v1/check, /v1/filter and imports [default: 67108864].
+    #[arg(long, env = "PREFSD_MAX_BULK_BODY_BYTES")]
+    pub max_bulk_body_bytes: Option<usize>,
+    /// Most ids in one filter, checks in one batch, or rows in one import request [default: 5000000].
+    #[arg(long, env = "PREFSD_MAX_BATCH_ITEMS")]
+    pub max_batch_items: Option<usize>,
+    /// Most writes sharing one commit [default: 4096].
+    #[arg(long, env = "PREFSD_COMMIT_BATCH_MAX")]
+    pub commit_batch_max: Option<usize>,
+    /// Seconds between index snapshots while writes arrive [default: 60].
+    #[arg(long, env = "PREFSD_SNAPSHOT_INTERVAL_SECS")]
+    pub snapshot_interval_secs: Option<u64>,
+}
+
+/// The TOML file: every key optional, same names as the flags with `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    listen: Option<String>,
+    data: Option<PathBuf>,
+    metrics_listen: Option<String>,
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    keys: Vec<FileKey>,
+    log_format: Option<String>,
+    max_body_bytes: Option<usize>,
+    max_bulk_body_bytes: Option<usize>,
+    max_batch_items: Option<usize>,
+    commit_batch_max: Option<usize>,
+    snapshot_interval_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKey {
+    name: String,
+    role: String,
+    sha256: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration of a sidecar.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// API address.
+    pub listen: SocketAddr,
+    /// Optional metrics-only address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Data directory.
+    pub data: PathBuf,
+    /// Configured channels, in order.
+    pub channels: Vec<ChannelName>,
+    /// API keys; empty means loopback-only, unauthenticated.
+    pub keys: Vec<ApiKey>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Body limit of ordinary routes.
+    pub max_body_bytes: usize,
+    /// Body limit of bulk routes.
+    pub max_bulk_body_bytes: usize,
+    /// Item limit of bulk routes.
+    pub max_batch_items: usize,
+    /// Writes per commit, at most.
+    pub commit_batch_max: usize,
+    /// Time between snapshots.
+    pub snapshot_interval: Duration,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: defaults, the given data dir
+    /// and an ephemeral loopback port.
+    pub fn for_data_dir(data: PathBuf) -> Config {
+        let args = ServeArgs { listen: Some("127.0.0.1:0".into()), data: Some(data), ..ServeArgs::default() };
+        Config::resolve(&args, FileConfig::default()).expect("defaults are valid")
+    }
+
+    /// Reads the file named by `args.config` (if any) and merges.
+    pub fn load(args: &ServeArgs) -> Result<Config, String> {
+        let file = match &args.config {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+        };
+        Config::resolve(args, file)
+    }
+
+    /// Merges flags/env over the file over defaults, and validates.
+    pub fn resolve(args: &ServeArgs, file: FileConfig) -> Result<Config, String> {
+        let mut errors = Vec::new();
+        let addr = |what: &str, v: &str, errors: &mut Vec<String>| -> Option<SocketAddr> {
+            v.parse()
+                .map_err(|_| errors.push(format!("{what} {v:?} is not an address like 127.0.0.1:7070")))
+                .ok()
+        };
+        let listen = args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = addr("listen", &listen, &mut errors);
+        let metrics_listen = args
+            .metrics_listen
+            .clone()
+            .or(file.metrics_listen)
+            .and_then(|v| addr("metrics_listen", &v, &mut errors));
+        let data = args.data.clone().or(file.data).unwrap_or_else(|| DEFAULT_DATA.into());
+        let channel_names =
+            args.channels.clone().or(file.channels).unwrap_or_else(|| vec!["email".into(), "sms".into()]);
+        let mut channels: Vec<ChannelName> = Vec::new();
+        for c in &channel_names {
+            match ChannelName::parse(c.trim()) {
+                Ok(c) if channels.contains(&c) => errors.push(format!("channel {c} is listed twice")),
+                Ok(c) => channels.push(c),
+                Err(e) => errors.push(e.0),
+            }
+        }
+        if channels.is_empty() {
+            errors.push("at least one channel must be configured".into());
+        }
+        let mut keys = Vec::new();
+        let mut add_key = |name: &str, role: &str, hash: &str, errors: &mut Vec<String>| {
+            let role_ok = Role::parse(role);
+            let hash_ok = parse_hash(hash);
+            match (role_ok, hash_ok) {
+                _ if name.is_empty() => errors.push("an API key has an empty name".into()),
+                (None, _) => {
+                    errors.push(format!("API key {name}: role {role:?} is neither sender nor admin"))
+                }
+                (_, None) => errors.push(format!(
+                    "API key {name}: sha256 must be 64 hex digits (make one with `prefsd key generate`)"
+                )),
+                (Some(role), Some(hash)) => keys.push(ApiKey { name: name.to_owned(), role, hash }),
+            }
+        };
+        match &args.keys {
+            Some(list) => {
+                for entry in list.iter().filter(|e| !e.trim().is_empty()) {
+                    let parts: Vec<&str> = entry.trim().splitn(3, ':').collect();
+                    match parts.as_slice() {
+                        [name, role, hash] => add_key(name, role, hash, &mut errors),
+                        _ => errors.push("PREFSD_KEYS entries must look like NAME:ROLE:SHA256HEX".into()),
+                    }
+                }
+            }
+            None => {
+                for k in &file.keys {
+                    add_key(&k.name, &k.role, &k.sha256, &mut errors);
+                }
+            }
+        }
+        let log_format = match args.log_format.clone().or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                errors.push(format!("log_format {other:?} is neither text nor json"));
+                LogFormat::Text
+            }
+        };
+        let positive = |what: &str, v: usize, errors: &mut Vec<String>| {
+            if v == 0 {
+                errors.push(format!("{what} must be positive"));
+            }
+            v
+        };
+        let max_body_bytes = positive(
+            "max_body_bytes",
+            args.max_body_bytes.or(file.max_body_bytes).unwrap_or(64 * 1024),
+            &mut errors,
+        );
+        let max_bulk_body_bytes = positive(
+            "max_bulk_body_bytes",
+            args.max_bulk_body_bytes.or(file.max_bulk_body_bytes).unwrap_or(64 * 1024 * 1024),
+            &mut errors,
+        );
+        let max_batch_items = positive(
+            "max_batch_items",
+            args.max_batch_items.or(file.max_batch_items).unwrap_or(5_000_000),
+            &mut errors,
+        );
+        let commit_batch_max = positive(
+            "commit_batch_max",
+            args.commit_batch_max.or(file.commit_batch_max).unwrap_or(4096),
+            &mut errors,
+        );
+        let snapshot_interval = Duration::from_secs(
+            args.snapshot_interval_secs.or(file.snapshot_interval_secs).unwrap_or(60).max(1),
+        );
+        if let Some(listen) = listen
+            && keys.is_empty()
+            && !listen.ip().is_loopback()
+        {
+            errors.push(format!(
+                "listen address {listen} is not loopback and no API keys are configured: \
+                 add keys (see `prefsd key generate`) or listen on 127.0.0.1"
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("\n"));
+        }
+        Ok(Config {
+            listen: listen.expect("checked above"),
+            metrics_listen,
+            data,
+            channels,
+            keys,
+            log_format,
+            max_body_bytes,
+            max_bulk_body_bytes,
+            max_batch_items,
+            commit_batch_max,
+            snapshot_interval,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_loopback_and_two_channels() {
+        let c = Config::resolve(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.data, PathBuf::from(DEFAULT_DATA));
+        assert_eq!(c.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>(), ["email", "sms"]);
+    }
+
+    #[test]
+    fn refuses_public_address_without_keys_and_reports_every_error() {
+        let args = ServeArgs {
+            listen: Some("0.0.0.0:7070".into()),
+            channels: Some(vec!["Email".into()]),
+            log_format: Some("xml".into()),
+            ..ServeArgs::default()
+        };
+        let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
+        assert!(err.contains("not loopback"), "{err}");
+        assert!(err.contains("Email"), "{err}");
+        assert!(err.contains("xml"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let text = format!(
+            "listen = \"127.0.0.1:1\"\nchannels = [\"email\", \"push\"]\n[[keys]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+            crate::auth::hash_key("k")
+        );
+        let file: FileConfig = toml::from_str(&text).unwrap();
+        let args = ServeArgs { listen: Some("0.0.0.0:2".into()), ..ServeArgs::default() };
+        let c = Config::resolve(&args, file).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.channels.len(), 2);
+        assert_eq!(c.keys[0].name, "ops");
+    }
+}

@@ -1,0 +1,37 @@
+//! prefsd: a notification-preferences sidecar.
+//!
+//! Before every send, a sender asks prefsd whether customer C may get
+//! channel H from service S. prefsd answers from an in-memory index of
+//! roaring bitmaps, keeps records and the audit trail in redb, and serves a
+//! small HTTP API on hyper.
+//!
+//! # Layout
+//!
+//! - [`domain`]: ids, slugs, scopes, records, events — parsed once at the edge.
+//! - [`index`]: the pure opt-out index and the resolution rule.
+//! - [`store`]: redb tables, snapshots and start-up loading.
+//! - [`writer`]: the single writer thread and group commit.
+//! - [`app`]: the shared state handle.
+//! - [`http`]: routes, handlers and the error contract ([`error`]).
+//! - [`auth`]: API keys and roles.
+//! - [`config`]: flags, environment and file, validated into [`config::Config`].
+//! - [`metrics`]: the Prometheus registry.
+//! - [`server`]: accept loops and graceful shutdown.
+//! - [`client`]: the CLI's HTTP client of a running sidecar, and [`import`]
+//!   for CSV/NDJSON preference files.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod import;
+pub mod index;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod writer;

@@ -1,0 +1,427 @@
+//! Group commit: one thread owns every write.
+//!
+//! Requests queue on a bounded channel; the writer thread takes everything
+//! queued (up to `max_batch`), validates and applies it in one redb write
+//! transaction, commits durably (one fsync for the whole batch), then
+//! applies the committed events to the index in sequence order and only
+//! then answers each request. So an acknowledged write is on disk and
+//! visible to checks, and concurrent writers share one commit.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::{
+    CustomerId, Event, Micros, Origin, PreferenceChange, Record, Scope, Service, ServiceChange, ServiceSlug,
+    Status, Target,
+};
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, apply_event};
+
+/// One change a client asks for.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Write a customer's preference for a scope.
+    SetPreference {
+        /// Whose.
+        customer: CustomerId,
+        /// Which scope.
+        scope: Scope,
+        /// The new status.
+        status: Status,
+        /// Optional free text.
+        reason: Option<String>,
+        /// Who and how.
+        origin: Origin,
+    },
+    /// Register a service.
+    CreateService {
+        /// Its slug.
+        slug: ServiceSlug,
+        /// Display name.
+        name: String,
+        /// Description.
+        description: String,
+        /// API key name.
+        actor: String,
+    },
+    /// Rename, describe, archive or restore a service.
+    UpdateService {
+        /// Which.
+        slug: ServiceSlug,
+        /// New display name.
+        name: Option<String>,
+        /// New description.
+        description: Option<String>,
+        /// Archive (`true`) or restore (`false`).
+        archived: Option<bool>,
+        /// API key name.
+        actor: String,
+    },
+}
+
+/// What an accepted write became.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// The stored record and its event's sequence number.
+    Preference {
+        /// Audit sequence number.
+        seq: u64,
+        /// The scope written.
+        scope: Scope,
+        /// The record as stored.
+        record: Record,
+    },
+    /// The service as stored and its event's sequence number.
+    Service {
+        /// Event sequence number.
+        seq: u64,
+        /// The service after the change.
+        service: Service,
+    },
+}
+
+impl Applied {
+    /// The event's sequence number.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Applied::Preference { seq, .. } | Applied::Service { seq, .. } => *seq,
+        }
+    }
+}
+
+/// Why a write was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// No service by that slug.
+    UnknownService(String),
+    /// The channel is not configured.
+    UnknownChannel(String),
+    /// The service is archived and takes no new writes.
+    Archived(String),
+    /// A service by that slug exists already.
+    ServiceExists(String),
+    /// The store failed; nothing in the batch was committed.
+    Store(String),
+    /// prefsd is shutting down.
+    Closed,
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriteError::UnknownService(s) => write!(f, "no service {s:?} is registered"),
+            WriteError::UnknownChannel(c) => write!(f, "channel {c:?} is not configured"),
+            WriteError::Archived(s) => {
+                write!(f, "service {s:?} is archived and takes no new preferences")
+            }
+            WriteError::ServiceExists(s) => write!(f, "service {s:?} exists already"),
+            WriteError::Store(e) => write!(f, "the write was not stored: {e}"),
+            WriteError::Closed => f.write_str("prefsd is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for WriteError {}
+
+type Reply = oneshot::Sender<Result<Applied, WriteError>>;
+
+enum Command {
+    Write(Op, Reply),
+    Snapshot,
+    Close(oneshot::Sender<()>),
+}
+
+/// A cheap handle to the writer thread.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Command>,
+}
+
+/// Settings of the writer thread.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Most operations in one transaction.
+    pub max_batch: usize,
+    /// Queue length before callers wait.
+    pub queue: usize,
+}
+
+impl Writer {
+    /// Starts the writer thread over `store`, which it owns from now on;
+    /// `services` and `last_seq` are what the store held at load.
+    pub fn start(
+        store: Arc<Store>,
+        index: Arc<RwLock<Index>>,
+        services: Vec<Service>,
+        config: WriterConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Writer, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let services = services.into_iter().map(|s| (s.slug.clone(), s)).collect();
+        let mut state =
+            State { store, index, services, metrics, max_batch: config.max_batch.max(1), snapshot_seq: None };
+        let handle = std::thread::Builder::new()
+            .name("prefsd-writer".into())
+            .spawn(move || state.run(rx))
+            .expect("spawn the writer thread");
+        (Writer { tx }, handle)
+    }
+
+    /// Submits one operation and waits until it is durably committed and
+    /// visible in the index (or refused).
+    pub async fn write(&self, op: Op) -> Result<Applied, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Write(op, reply)).await.map_err(|_| WriteError::Closed)?;
+        rx.await.map_err(|_| WriteError::Closed)?
+    }
+
+    /// Submits many operations at once; answers come back in order.
+    pub async fn write_many(&self, ops: Vec<Op>) -> Vec<Result<Applied, WriteError>> {
+        let mut waits = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (reply, rx) = oneshot::channel();
+            if self.tx.send(Command::Write(op, reply)).await.is_err() {
+                break;
+            }
+            waits.push(rx);
+        }
+        let mut out = Vec::with_capacity(waits.len());
+        for rx in waits {
+            out.push(rx.await.unwrap_or(Err(WriteError::Closed)));
+        }
+        out
+    }
+
+    /// Asks for a snapshot of the index at the next quiet moment.
+    pub fn request_snapshot(&self) {
+        let _ = self.tx.try_send(Command::Snapshot);
+    }
+
+    /// Finishes what is queued, writes a final snapshot and stops the thread.
+    pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Close(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct State {
+    store: Arc<Store>,
+    index: Arc<RwLock<Index>>,
+    services: HashMap<ServiceSlug, Service>,
+    metrics: Arc<Metrics>,
+    max_batch: usize,
+    /// Sequence number the stored snapshot is at, once known.
+    snapshot_seq: Option<u64>,
+}
+
+impl State {
+    fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut batch: Vec<(Op, Reply)> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut close = None;
+            let mut snapshot = false;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Write(op, reply) => batch.push((op, reply)),
+                    Command::Snapshot => snapshot = true,
+                    Command::Close(done) => close = Some(done),
+                }
+                if batch.len() < self.max_batch && close.is_none() {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(&mut batch);
+            }
+            if snapshot || close.is_some() {
+                self.snapshot();
+            }
+            if let Some(done) = close {
+                rx.close();
+                // Anything queued behind the close is refused.
+                while let Ok(cmd) = rx.try_recv() {
+                    if let Command::Write(_, reply) = cmd {
+                        let _ = reply.send(Err(WriteError::Closed));
+                    }
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    fn snapshot(&mut self) {
+        let seq = match self.store.last_seq() {
+            Ok(seq) => seq,
+            Err(e) => return tracing::warn!(error = %e, "cannot read the sequence for a snapshot"),
+        };
+        if self.snapshot_seq == Some(seq) {
+            return;
+        }
+        let started = Instant::now();
+        let index = self.index.read().expect("index lock").clone();
+        match self.store.write_snapshot(&index, seq) {
+            Ok(()) => {
+                self.snapshot_seq = Some(seq);
+                tracing::debug!(seq, ms = started.elapsed().as_millis() as u64, "index snapshot written");
+            }
+            Err(e) => tracing::warn!(error = %e, "index snapshot failed; start-up will replay more events"),
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<(Op, Reply)>) {
+        let started = Instant::now();
+        let saved_services = self.services.clone();
+        let outcome = self.stage(batch);
+        match outcome {
+            Ok((txn, results)) => match txn.commit() {
+                Ok(()) => {
+                    let elapsed = started.elapsed();
+                    self.metrics.observe_commit(elapsed, batch.len());
+                    let mut index = self.index.write().expect("index lock");
+                    for (event, _) in results.iter().flatten() {
+                        apply_event(&mut index, event);
+                    }
+                    drop(index);
+                    if let Some(seq) = results.iter().flatten().map(|(_, a)| a.seq()).max() {
+                        self.metrics.set_last_seq(seq);
+                    }
+                    for ((_, reply), result) in batch.drain(..).zip(results) {
+                        if let Ok((event, _)) = &result {
+                            self.metrics.count_write(event);
+                        }
+                        let _ = reply.send(result.map(|(_, applied)| applied));
+                    }
+                }
+                Err(e) => self.fail(batch, saved_services, e),
+            },
+            Err(e) => self.fail(batch, saved_services, e),
+        }
+    }
+
+    fn fail(&mut self, batch: &mut Vec<(Op, Reply)>, saved: HashMap<ServiceSlug, Service>, e: StoreError) {
+        tracing::error!(error = %e, ops = batch.len(), "commit failed; the batch was not stored");
+        self.services = saved;
+        let message = e.to_string();
+        for (_, reply) in batch.drain(..) {
+            let _ = reply.send(Err(WriteError::Store(message.clone())));
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn stage(
+        &mut self,
+        batch: &[(Op, Reply)],
+    ) -> Result<(crate::store::Batch, Vec<Result<(Event, Applied), WriteError>>), StoreError> {
+        let mut txn = self.store.begin()?;
+        let mut results = Vec::with_capacity(batch.len());
+        let channels = self.index.read().expect("index lock").channels().to_vec();
+        for (op, _) in batch {
+            let now = Micros::now();
+            let result = match op {
+                Op::SetPreference { customer, scope, status, reason, origin } => {
+                    if let Err(e) = self.check_scope(scope, &channels) {
+                        results.push(Err(e));
+                        continue;
+                    }
+                    let before = txn.record(*customer, scope)?;
+                    let record = Record {
+                        status: *status,
+                        reason: reason.clone(),
+                        source: origin.source.clone(),
+                        created_at: before.as_ref().map_or(now, |r| r.created_at),
+                        updated_at: now,
+                        seq: txn.next_seq(),
+                    };
+                    let event = Event::Preference(PreferenceChange {
+                        customer: *customer,
+                        scope: scope.clone(),
+                        before: before.map(|r| r.status),
+                        after: *status,
+                        reason: reason.clone(),
+                        origin: origin.clone(),
+                        at: now,
+                    });
+                    let seq = txn.append(&event, Some(&record))?;
+                    Ok((event, Applied::Preference { seq, scope: scope.clone(), record }))
+                }
+                Op::CreateService { slug, name, description, actor } => {
+                    if self.services.contains_key(slug) {
+                        Err(WriteError::ServiceExists(slug.to_string()))
+                    } else {
+                        let service = Service {
+                            slug: slug.clone(),
+                            name: name.clone(),
+                            description: description.clone(),
+                            archived: false,
+                            created_at: now,
+                            updated_at: now,
+                        };
+                        self.service_event(&mut txn, service, true, actor)?
+                    }
+                }
+                Op::UpdateService { slug, name, description, archived, actor } => {
+                    match self.services.get(slug) {
+                        None => Err(WriteError::UnknownService(slug.to_string())),
+                        Some(old) => {
+                            let mut service = old.clone();
+                            if let Some(n) = name {
+                                service.name = n.clone();
+                            }
+                            if let Some(d) = description {
+                                service.description = d.clone();
+                            }
+                            if let Some(a) = archived {
+                                service.archived = *a;
+                            }
+                            service.updated_at = now;
+                            self.service_event(&mut txn, service, false, actor)?
+                        }
+                    }
+                }
+            };
+            results.push(result);
+        }
+        Ok((txn, results))
+    }
+
+    fn service_event(
+        &mut self,
+        txn: &mut crate::store::Batch,
+        service: Service,
+        created: bool,
+        actor: &str,
+    ) -> Result<Result<(Event, Applied), WriteError>, StoreError> {
+        let event =
+            Event::Service(ServiceChange { service: service.clone(), created, actor: actor.to_owned() });
+        let seq = txn.append(&event, None)?;
+        self.services.insert(service.slug.clone(), service.clone());
+        Ok(Ok((event, Applied::Service { seq, service })))
+    }
+
+    fn check_scope(&self, scope: &Scope, channels: &[crate::domain::ChannelName]) -> Result<(), WriteError> {
+        if let Target::One(s) = &scope.service {
+            match self.services.get(s) {
+                None => return Err(WriteError::UnknownService(s.to_string())),
+                Some(svc) if svc.archived => return Err(WriteError::Archived(s.to_string())),
+                Some(_) => {}
+            }
+        }
+        if let Target::One(c) = &scope.channel
+            && !channels.contains(c)
+        {
+            return Err(WriteError::UnknownChannel(c.to_string()));
+        }
+        Ok(())
+    }
+}
