@@ -8,7 +8,9 @@ use crate::auth::Keys;
 use crate::config::Config;
 use crate::index::Index;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::ratelimit::RateLimiter;
+use crate::store::Store;
+use crate::token::{TokenKey, Tokens};
 use crate::writer::{Writer, WriterConfig};
 
 /// A handle to the sidecar's state; clone it freely.
@@ -30,14 +32,61 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Cleared when shutdown begins, so load balancers stop sending.
     ready: AtomicBool,
+    tokens: Tokens,
+    limiter: RateLimiter,
+}
+
+/// The token keys to use: the configured ones, or the embedded default — a
+/// key generated once into `DATA/token-keys` (mode 0600) and reused.
+fn token_keys(config: &Config) -> Result<Vec<TokenKey>, String> {
+    if !config.token_keys.is_empty() {
+        return Ok(config.token_keys.clone());
+    }
+    use base64::Engine;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config.data.join("token-keys");
+    let parse = |text: &str| -> Result<Vec<TokenKey>, String> {
+        match crate::config::parse_token_keys(text) {
+            Ok(keys) if !keys.is_empty() => Ok(keys),
+            Ok(_) => Err(format!("{} holds no token key", path.display())),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret).map_err(|e| format!("no randomness for a token key: {e}"))?;
+            let line = format!("0:{}\n", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            f.write_all(line.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            tracing::warn!(
+                path = %path.display(),
+                "no token keys configured: generated a signing key for opt-out links in the data directory; \
+                 configure token_keys to share keys between sidecars"
+            );
+            parse(&line)
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
 }
 
 impl App {
     /// Opens the store in `config.data`, loads the index and starts the writer.
-    pub fn open(config: Config) -> Result<App, StoreError> {
+    pub fn open(config: Config) -> Result<App, String> {
         let started = std::time::Instant::now();
-        let store = Arc::new(Store::open(&config.data)?);
-        let loaded = store.load(&config.channels)?;
+        let store = Arc::new(Store::open(&config.data).map_err(|e| e.to_string())?);
+        let tokens = Tokens::new(token_keys(&config)?, config.token_lifetime.as_secs())?;
+        let limiter = RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
+        let loaded = store.load(&config.channels).map_err(|e| e.to_string())?;
         tracing::info!(
             data = %config.data.display(),
             services = loaded.services.len(),
@@ -68,6 +117,8 @@ impl App {
                 writer_thread: Mutex::new(Some(thread)),
                 metrics,
                 ready: AtomicBool::new(true),
+                tokens,
+                limiter,
             }),
         })
     }
@@ -95,6 +146,16 @@ impl App {
     /// The writer, for changes.
     pub fn writer(&self) -> &Writer {
         &self.inner.writer
+    }
+
+    /// The opt-out link signer.
+    pub fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
+    }
+
+    /// The recipient routes' rate limiter.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.inner.limiter
     }
 
     /// The metrics.

@@ -3,7 +3,7 @@
 //! flag over env over file over default — and validated into [`Config`],
 //! which is passed down by value. Every bad setting is reported at once.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::auth::{ApiKey, Role, parse_hash};
 use crate::domain::ChannelName;
+use crate::token::{Secret, TokenKey};
 
 /// Default API address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -56,6 +57,27 @@ pub struct ServeArgs {
     /// Seconds between index snapshots while writes arrive [default: 60].
     #[arg(long, env = "PREFSD_SNAPSHOT_INTERVAL_SECS")]
     pub snapshot_interval_secs: Option<u64>,
+    /// Base URL of opt-out links, as recipients reach the web tier [default: http://LISTEN].
+    #[arg(long, env = "PREFSD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Token keys as ID:BASE64URLSECRET, comma-separated; the first signs.
+    #[arg(long, env = "PREFSD_TOKEN_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub token_keys: Option<Vec<String>>,
+    /// File with token keys, one ID:BASE64URLSECRET per line; the first signs.
+    #[arg(long, env = "PREFSD_TOKEN_KEYS_FILE")]
+    pub token_keys_file: Option<PathBuf>,
+    /// Days an opt-out link may opt in or show its page [default: 180].
+    #[arg(long, env = "PREFSD_TOKEN_LIFETIME_DAYS")]
+    pub token_lifetime_days: Option<u64>,
+    /// Proxies whose X-Forwarded-For is believed: IPs or CIDRs, comma-separated.
+    #[arg(long, env = "PREFSD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Requests per minute per client address on /u/ and token redemption [default: 30].
+    #[arg(long, env = "PREFSD_RATE_LIMIT_PER_MINUTE")]
+    pub rate_limit_per_minute: Option<u32>,
+    /// Burst allowance of that rate limit [default: 20].
+    #[arg(long, env = "PREFSD_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
 }
 
 /// The TOML file: every key optional, same names as the flags with `_`.
@@ -74,6 +96,21 @@ pub struct FileConfig {
     max_batch_items: Option<usize>,
     commit_batch_max: Option<usize>,
     snapshot_interval_secs: Option<u64>,
+    public_url: Option<String>,
+    #[serde(default)]
+    token_keys: Vec<FileTokenKey>,
+    token_keys_file: Option<PathBuf>,
+    token_lifetime_days: Option<u64>,
+    trusted_proxies: Option<Vec<String>>,
+    rate_limit_per_minute: Option<u32>,
+    rate_limit_burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTokenKey {
+    id: u8,
+    secret: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +155,91 @@ pub struct Config {
     pub commit_batch_max: usize,
     /// Time between snapshots.
     pub snapshot_interval: Duration,
+    /// Base URL of opt-out links, without a trailing slash.
+    pub public_url: String,
+    /// Token keys, first signs; empty means "generate one in the data dir".
+    pub token_keys: Vec<TokenKey>,
+    /// Token lifetime.
+    pub token_lifetime: Duration,
+    /// Proxies whose X-Forwarded-For is believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Requests per minute per client on recipient routes.
+    pub rate_limit_per_minute: u32,
+    /// Burst of that limit.
+    pub rate_limit_burst: u32,
+}
+
+/// An address range, `10.0.0.0/8` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR` or `ADDR/PREFIX`.
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
+            None => {
+                let a = s.parse::<IpAddr>().ok()?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn parse_token_key(id: &str, secret: &str) -> Result<TokenKey, String> {
+    use base64::Engine;
+    let id: u8 =
+        id.trim().parse().map_err(|_| format!("token key id {id:?} is not a number from 0 to 255"))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(secret.trim().trim_end_matches('='))
+        .map_err(|_| format!("token key {id}: the secret is not URL-safe base64"))?;
+    let secret = Secret::new(bytes).map_err(|e| format!("token key {id}: {e}"))?;
+    Ok(TokenKey { id, secret })
+}
+
+/// Parses `ID:BASE64URLSECRET` entries separated by commas or lines (`#` comments).
+pub fn parse_token_keys(text: &str) -> Result<Vec<TokenKey>, String> {
+    let mut errors = Vec::new();
+    let keys = parse_token_keys_text(text, &mut errors);
+    if errors.is_empty() { Ok(keys) } else { Err(errors.join("; ")) }
+}
+
+fn parse_token_keys_text(text: &str, errors: &mut Vec<String>) -> Vec<TokenKey> {
+    let mut keys = Vec::new();
+    for entry in text.split([',', '\n']).map(str::trim).filter(|e| !e.is_empty() && !e.starts_with('#')) {
+        match entry.split_once(':') {
+            Some((id, secret)) => match parse_token_key(id, secret) {
+                Ok(k) => keys.push(k),
+                Err(e) => errors.push(e),
+            },
+            None => errors.push("token keys must look like ID:BASE64URLSECRET".into()),
+        }
+    }
+    keys
 }
 
 impl Config {
@@ -238,6 +360,52 @@ impl Config {
         let snapshot_interval = Duration::from_secs(
             args.snapshot_interval_secs.or(file.snapshot_interval_secs).unwrap_or(60).max(1),
         );
+        let public_url = args
+            .public_url
+            .clone()
+            .or(file.public_url)
+            .unwrap_or_else(|| match listen {
+                Some(l) => format!("http://{l}"),
+                None => String::new(),
+            })
+            .trim_end_matches('/')
+            .to_owned();
+        if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+            errors.push(format!("public_url {public_url:?} must start with http:// or https://"));
+        }
+        let mut token_keys = match &args.token_keys {
+            Some(list) => parse_token_keys_text(&list.join(","), &mut errors),
+            None => file
+                .token_keys
+                .iter()
+                .filter_map(|k| {
+                    parse_token_key(&k.id.to_string(), &k.secret).map_err(|e| errors.push(e)).ok()
+                })
+                .collect(),
+        };
+        if let Some(path) = args.token_keys_file.clone().or(file.token_keys_file) {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => token_keys.extend(parse_token_keys_text(&text, &mut errors)),
+                Err(e) => errors.push(format!("cannot read token keys file {}: {e}", path.display())),
+            }
+        }
+        let token_lifetime_days = args.token_lifetime_days.or(file.token_lifetime_days).unwrap_or(180);
+        if token_lifetime_days == 0 {
+            errors.push("token_lifetime_days must be positive".into());
+        }
+        let mut trusted_proxies = Vec::new();
+        for p in args.trusted_proxies.clone().or(file.trusted_proxies).unwrap_or_default() {
+            match Cidr::parse(p.trim()) {
+                Some(c) => trusted_proxies.push(c),
+                None if p.trim().is_empty() => {}
+                None => errors.push(format!("trusted proxy {p:?} is not an address or CIDR range")),
+            }
+        }
+        let rate_limit_per_minute = args.rate_limit_per_minute.or(file.rate_limit_per_minute).unwrap_or(30);
+        let rate_limit_burst = args.rate_limit_burst.or(file.rate_limit_burst).unwrap_or(20);
+        if rate_limit_per_minute == 0 || rate_limit_burst == 0 {
+            errors.push("rate_limit_per_minute and rate_limit_burst must be positive".into());
+        }
         if let Some(listen) = listen
             && keys.is_empty()
             && !listen.ip().is_loopback()
@@ -262,6 +430,12 @@ impl Config {
             max_batch_items,
             commit_batch_max,
             snapshot_interval,
+            public_url,
+            token_keys,
+            token_lifetime: Duration::from_secs(token_lifetime_days * 86_400),
+            trusted_proxies,
+            rate_limit_per_minute,
+            rate_limit_burst,
         })
     }
 }
@@ -290,6 +464,31 @@ mod tests {
         assert!(err.contains("not loopback"), "{err}");
         assert!(err.contains("Email"), "{err}");
         assert!(err.contains("xml"), "{err}");
+    }
+
+    #[test]
+    fn cidrs_match_addresses() {
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one = Cidr::parse("::1").unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_none());
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn token_keys_parse_and_short_secrets_are_refused() {
+        let good = "A".repeat(43);
+        let args = ServeArgs {
+            token_keys: Some(vec![format!("2:{good}"), "1:c2hvcnQ".into()]),
+            ..ServeArgs::default()
+        };
+        let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
+        assert!(err.contains("at least 32 bytes"), "{err}");
+        let args = ServeArgs { token_keys: Some(vec![format!("2:{good}")]), ..ServeArgs::default() };
+        assert_eq!(Config::resolve(&args, FileConfig::default()).unwrap().token_keys[0].id, 2);
     }
 
     #[test]

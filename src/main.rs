@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// List, create, archive or restore services.
     #[command(subcommand)]
     Services(ServicesCmd),
@@ -52,6 +52,21 @@ enum Command {
     /// Make API keys.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Opt-out link tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue an opt-out link for CUSTOMER; SERVICE and CHANNEL may be `*`.
+    Issue { customer: String, service: String, channel: String },
+    /// Print a new random token signing key entry (ID:SECRET) for token_keys.
+    Generate {
+        /// The key id, 0-255; give each new key a new id.
+        #[arg(long, default_value_t = 1)]
+        id: u8,
+    },
 }
 
 #[derive(Subcommand)]
@@ -117,7 +132,7 @@ enum KeyCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         other => {
             let client = Client::new(&cli.url, cli.key);
             run_client(&client, other)
@@ -266,6 +281,17 @@ fn run_client(client: &Client, command: Command) -> Result<ExitCode, String> {
             println!("env:    PREFSD_KEYS={name}:{role}:{hash}");
         }
         Command::Key(KeyCmd::Hash { key }) => println!("{}", prefsd::auth::hash_key(&key)),
+        Command::Token(TokenCmd::Issue { customer, service, channel }) => {
+            let customer = serde_json::Value::String(customer);
+            let body = serde_json::json!({"customer": customer, "service": service, "channel": channel});
+            print(&client.call("POST", "/v1/tokens", Some(&body))?);
+        }
+        Command::Token(TokenCmd::Generate { id }) => {
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
+            use base64::Engine;
+            println!("{id}:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

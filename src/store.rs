@@ -192,7 +192,9 @@ impl Store {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(RECORDS)?;
         let mut out = Vec::new();
-        for row in table.range((customer.0, "")..(customer.0.saturating_add(1), ""))? {
+        // Open-ended, stopped by the check below: an exclusive upper bound of
+        // (customer + 1, "") would be empty for customer u64::MAX.
+        for row in table.range((customer.0, "")..)? {
             let (k, v) = row?;
             let (c, scope) = k.value();
             if c != customer.0 {

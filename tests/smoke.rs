@@ -1,3 +1,5 @@
+//! Smoke test: both ways of starting a sidecar in tests work.
+
 mod util;
 
 #[test]

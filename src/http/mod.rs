@@ -10,11 +10,14 @@
 //! | `GET /v1/customers/C/preferences`, `PUT …/preferences/S/H`, `GET …/audit`, `GET /v1/audit`, `POST /v1/preferences/import` | admin | [`preferences`] |
 //! | `GET /v1/services[/S]`, `GET /v1/channels` | sender | [`services`] |
 //! | `POST /v1/services`, `PATCH /v1/services/S` | admin | [`services`] |
+//! | `POST /v1/tokens` | sender | [`unsubscribe`] |
+//! | `POST /v1/tokens/redeem`, `GET/POST /u/TOKEN` | none (the token) | [`unsubscribe`] |
 //! | `GET /healthz`, `/readyz`, `/metrics` | none | here |
 
 pub mod check;
 pub mod preferences;
 pub mod services;
+pub mod unsubscribe;
 
 use std::net::SocketAddr;
 
@@ -221,6 +224,12 @@ where
         (_, ["healthz" | "readyz" | "metrics"]) => ("other", Err(method_not_allowed("GET"))),
         (Listener::Metrics, _) => ("other", Err(ApiError::no_route(&path))),
         (Listener::Api, ["v1", rest @ ..]) => v1(app, req, &method, rest).await,
+        (Listener::Api, ["u", token]) if get => ("/u/T", unsubscribe::page_get(app, &req, token).await),
+        (Listener::Api, ["u", token]) if method == Method::POST => {
+            let token = token.to_string();
+            ("/u/T", unsubscribe::page_post(app, req, &token).await)
+        }
+        (Listener::Api, ["u", _]) => ("/u/T", Err(method_not_allowed("GET, POST"))),
         _ => ("other", Err(ApiError::no_route(&path))),
     }
 }
@@ -281,6 +290,10 @@ where
             ("/v1/services/S", services::update(app, req, &s).await)
         }
         (_, ["services", _]) => ("/v1/services/S", Err(method_not_allowed("GET, PATCH"))),
+        (&M::POST, ["tokens"]) => ("/v1/tokens", unsubscribe::issue(app, req).await),
+        (_, ["tokens"]) => ("/v1/tokens", Err(method_not_allowed("POST"))),
+        (&M::POST, ["tokens", "redeem"]) => ("/v1/tokens/redeem", unsubscribe::redeem(app, req).await),
+        (_, ["tokens", "redeem"]) => ("/v1/tokens/redeem", Err(method_not_allowed("POST"))),
         (&M::GET, ["channels"]) => ("/v1/channels", services::channels(app, &req)),
         (_, ["channels"]) => ("/v1/channels", Err(method_not_allowed("GET"))),
         _ => ("other", Err(ApiError::no_route(req.parts.uri.path()))),

@@ -262,14 +262,14 @@ where
 {
     let caller = authorize(app, &req, Role::Admin)?;
     let body: ImportBody = req.json(app.config().max_bulk_body_bytes).await?;
-    if body.items.len() > MAX_IMPORT_ROWS {
+    // Both limits hold: the fixed per-request cap and the configured
+    // `max_batch_items` ("rows in one import request").
+    let max_rows = MAX_IMPORT_ROWS.min(app.config().max_batch_items);
+    if body.items.len() > max_rows {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_items",
-            format!(
-                "{} items in one import request; at most {MAX_IMPORT_ROWS} are accepted",
-                body.items.len()
-            ),
+            format!("{} items in one import request; at most {max_rows} are accepted", body.items.len()),
         ));
     }
     let mut results: Vec<Option<serde_json::Value>> = vec![None; body.items.len()];
