@@ -125,7 +125,9 @@ pub fn unsupported(sent: &str, accepted: &str) -> ApiError {
 
 /// A JSON answer.
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
-    let body = serde_json::to_vec(value).expect("response types serialize");
+    let mut body = serde_json::to_vec(value).expect("response types serialize");
+    // A final newline keeps terminal output (curl) readable.
+    body.push(b'\n');
     bytes_reply(status, "application/json", body)
 }
 

@@ -195,7 +195,12 @@ pub async fn customer_audit<B>(app: &App, req: &Incoming<B>, c: &str) -> Result<
     let store = app.store().clone();
     let events = blocking(move || Ok(store.customer_events(customer)?)).await?;
     let entries: Vec<AuditView> = events.into_iter().map(|(seq, c)| AuditView::new(seq, c)).collect();
-    Ok(json(StatusCode::OK, &serde_json::json!({ "customer": customer, "entries": entries })))
+    #[derive(Serialize)]
+    struct CustomerAudit {
+        customer: CustomerId,
+        entries: Vec<AuditView>,
+    }
+    Ok(json(StatusCode::OK, &CustomerAudit { customer, entries }))
 }
 
 /// `GET /v1/audit?after=SEQ&limit=N`: every preference change after SEQ.
