@@ -3,7 +3,10 @@
 //! line with the same keys). Rows are read in chunks, each row keeping its
 //! line number so rejections can name it.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io::{BufRead, Read};
+use std::rc::Rc;
 
 use serde::Deserialize;
 
@@ -45,6 +48,26 @@ impl Format {
     }
 }
 
+/// A reader that notes the byte offset of every newline it passes on, so
+/// rows can be numbered by the lines before them.
+struct LineCounter<R> {
+    inner: R,
+    pos: u64,
+    newlines: Rc<RefCell<VecDeque<u64>>>,
+}
+
+impl<R: Read> Read for LineCounter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut queue = self.newlines.borrow_mut();
+        for (i, _) in buf[..n].iter().enumerate().filter(|(_, b)| **b == b'\n') {
+            queue.push_back(self.pos + i as u64);
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 #[derive(Deserialize)]
 struct CsvRow {
     customer: String,
@@ -67,7 +90,11 @@ pub fn read<R: Read>(
     let mut rejected = Vec::new();
     match format {
         Format::Csv => {
-            let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(input);
+            let newlines = Rc::new(RefCell::new(VecDeque::new()));
+            let counted = LineCounter { inner: input, pos: 0, newlines: newlines.clone() };
+            let mut passed = 0u64;
+            let mut reader =
+                csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(counted);
             let headers = reader.headers().map_err(|e| format!("cannot read the CSV header: {e}"))?.clone();
             for required in ["customer", "service", "channel", "status"] {
                 if !headers.iter().any(|h| h == required) {
@@ -78,8 +105,23 @@ pub fn read<R: Read>(
             }
             let mut record = csv::StringRecord::new();
             loop {
-                let line = reader.position().line();
-                match reader.read_record(&mut record) {
+                let read = reader.read_record(&mut record);
+                // The csv reader's own line numbers miss the blank lines it
+                // skips, so rows are numbered from the newlines before their
+                // end: all of them, less the row's terminator and any
+                // newlines inside its quoted fields.
+                let end = reader.position().byte();
+                let mut queue = newlines.borrow_mut();
+                let mut terminated = false;
+                while let Some(&nl) = queue.front().filter(|&&nl| nl < end) {
+                    queue.pop_front();
+                    passed += 1;
+                    terminated = nl + 1 == end;
+                }
+                drop(queue);
+                let inside = record.iter().map(|f| f.matches('\n').count() as u64).sum::<u64>();
+                let line = (passed + 1).saturating_sub(u64::from(terminated) + inside);
+                match read {
                     Ok(false) => break,
                     Ok(true) => match record.deserialize::<CsvRow>(Some(&headers)) {
                         Ok(r) => rows.push(Row {
