@@ -157,7 +157,14 @@ pub fn done(headline: &str, detail: &str, undo: Option<&[(&str, &str)]>) -> Stri
             let _ =
                 write!(body, "<input type=\"hidden\" name=\"{}\" value=\"{}\">", escape(name), escape(value));
         }
-        body.push_str("<button type=\"submit\" class=\"secondary\">Undo: subscribe me again</button></form>");
+        // The label says what the undo does: it opts in again after an
+        // opt-out, and out again after an opt-in.
+        let label = if fields.contains(&("action", "opt_out")) {
+            "Undo: unsubscribe me again"
+        } else {
+            "Undo: subscribe me again"
+        };
+        let _ = write!(body, "<button type=\"submit\" class=\"secondary\">{label}</button></form>");
     }
     body.push_str("<p class=\"note\">You can come back to this link to change your choices.</p>");
     document(headline, &body)

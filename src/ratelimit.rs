@@ -40,6 +40,12 @@ impl RateLimiter {
         if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&ip) {
             let (per_sec, burst) = (self.per_sec, self.burst);
             buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec < burst);
+            // Still full of partly spent buckets (many addresses at once, as
+            // an IPv6 client can have): forget them all rather than grow
+            // without bound and rescan the whole map on every new address.
+            if buckets.len() >= MAX_TRACKED {
+                buckets.clear();
+            }
         }
         let b = buckets.entry(ip).or_insert(Bucket { tokens: self.burst, at: now });
         let refill = now.saturating_duration_since(b.at).as_secs_f64() * self.per_sec;
@@ -72,5 +78,16 @@ mod tests {
         assert!(limiter.check(b, t0).is_ok(), "other addresses are unaffected");
         assert!(limiter.check(a, t0 + Duration::from_secs(1)).is_ok(), "one token per second refills");
         assert!(limiter.check(a, t0 + Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn remembers_at_most_max_tracked_addresses() {
+        let limiter = RateLimiter::new(1, 5);
+        let t0 = Instant::now();
+        for i in 0..(MAX_TRACKED as u128 + 10) {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | i));
+            assert!(limiter.check(ip, t0).is_ok());
+            assert!(limiter.buckets.lock().unwrap().len() <= MAX_TRACKED);
+        }
     }
 }
