@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 
 use crate::auth::Keys;
+use crate::cluster::{Cluster, ClusterConfig, ClusterStatus};
 use crate::config::Config;
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -34,6 +35,8 @@ struct Inner {
     ready: AtomicBool,
     tokens: Tokens,
     limiter: RateLimiter,
+    /// In cluster mode, what the PostgreSQL follower knows.
+    cluster: Option<Arc<ClusterStatus>>,
 }
 
 /// The token keys to use: the configured ones, or the embedded default — a
@@ -99,14 +102,34 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         metrics.set_last_seq(loaded.last_seq);
         let index = Arc::new(RwLock::new(loaded.index));
-        let (writer, thread) = Writer::start(
+        let (mut writer, thread) = Writer::start(
             store.clone(),
             index.clone(),
             loaded.services,
+            loaded.last_seq,
             WriterConfig { max_batch: config.commit_batch_max, queue: 65_536 },
             metrics.clone(),
         );
         let keys = Keys::new(&config.keys);
+        let cluster = match &config.postgres {
+            None => None,
+            Some(url) => {
+                let cluster = Cluster::start(
+                    ClusterConfig {
+                        url: url.clone(),
+                        poll: config.postgres_poll,
+                        max_batch: config.commit_batch_max,
+                        channels: config.channels.clone(),
+                    },
+                    writer.clone(),
+                    store.clone(),
+                )?;
+                let status = cluster.status().clone();
+                writer.set_cluster(cluster);
+                tracing::info!("cluster mode: postgres is the system of record");
+                Some(status)
+            }
+        };
         Ok(App {
             inner: Arc::new(Inner {
                 config,
@@ -119,6 +142,7 @@ impl App {
                 ready: AtomicBool::new(true),
                 tokens,
                 limiter,
+                cluster,
             }),
         })
     }
@@ -163,9 +187,18 @@ impl App {
         &self.inner.metrics
     }
 
-    /// Whether the sidecar takes traffic.
+    /// Whether the sidecar takes traffic: loaded, not shutting down, and in
+    /// cluster mode caught up with PostgreSQL at least once.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)
+            && self.inner.cluster.as_ref().is_none_or(|c| {
+                c.caught_up.load(Ordering::Acquire) && c.fatal.lock().expect("status lock").is_none()
+            })
+    }
+
+    /// Cluster mode's follower status, if in cluster mode.
+    pub fn cluster(&self) -> Option<&ClusterStatus> {
+        self.inner.cluster.as_deref()
     }
 
     /// Finishes queued writes, writes a final snapshot and closes the store.

@@ -78,6 +78,12 @@ pub struct ServeArgs {
     /// Burst allowance of that rate limit [default: 20].
     #[arg(long, env = "PREFSD_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
+    /// PostgreSQL URL: turns on cluster mode (libpq-style; several hosts with target_session_attrs=read-write fail over).
+    #[arg(long, env = "PREFSD_POSTGRES", hide_env_values = true)]
+    pub postgres: Option<String>,
+    /// Milliseconds between polls of the PostgreSQL event log when no NOTIFY arrives [default: 500].
+    #[arg(long, env = "PREFSD_POSTGRES_POLL_MS")]
+    pub postgres_poll_ms: Option<u64>,
 }
 
 /// The TOML file: every key optional, same names as the flags with `_`.
@@ -104,6 +110,8 @@ pub struct FileConfig {
     trusted_proxies: Option<Vec<String>>,
     rate_limit_per_minute: Option<u32>,
     rate_limit_burst: Option<u32>,
+    postgres: Option<String>,
+    postgres_poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +175,10 @@ pub struct Config {
     pub rate_limit_per_minute: u32,
     /// Burst of that limit.
     pub rate_limit_burst: u32,
+    /// Cluster mode's PostgreSQL URL (never logged: it may hold a password).
+    pub postgres: Option<String>,
+    /// Poll interval of the event log.
+    pub postgres_poll: Duration,
 }
 
 /// An address range, `10.0.0.0/8` or a single address.
@@ -436,6 +448,10 @@ impl Config {
             trusted_proxies,
             rate_limit_per_minute,
             rate_limit_burst,
+            postgres: args.postgres.clone().or(file.postgres).filter(|u| !u.trim().is_empty()),
+            postgres_poll: Duration::from_millis(
+                args.postgres_poll_ms.or(file.postgres_poll_ms).unwrap_or(500).max(10),
+            ),
         })
     }
 }

@@ -151,7 +151,7 @@ slug_type!(
 );
 
 /// One side of a scope: a named thing or `*`, "all of them".
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Target<T> {
     /// `*`: every service (or every channel), including ones added later.
     All,
@@ -179,7 +179,9 @@ impl<T> Target<T> {
 }
 
 /// The (service, channel) pair a preference applies to; either side may be `*`.
+/// Serialized as `{"service": "rating", "channel": "*"}`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "ScopeText", into = "ScopeText")]
 pub struct Scope {
     /// Which service, or all.
     pub service: Target<ServiceSlug>,
@@ -212,6 +214,25 @@ impl Scope {
         let (s, c) =
             key.split_once('/').ok_or_else(|| InvalidInput(format!("scope key {key:?} has no '/'")))?;
         Scope::parse(s, c)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ScopeText {
+    service: String,
+    channel: String,
+}
+
+impl TryFrom<ScopeText> for Scope {
+    type Error = InvalidInput;
+    fn try_from(t: ScopeText) -> Result<Self, InvalidInput> {
+        Scope::parse(&t.service, &t.channel)
+    }
+}
+
+impl From<Scope> for ScopeText {
+    fn from(s: Scope) -> Self {
+        ScopeText { service: s.service.to_string(), channel: s.channel.to_string() }
     }
 }
 

@@ -112,6 +112,9 @@ impl From<WriteError> for ApiError {
             WriteError::Store(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", message)
             }
+            WriteError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message)
+            }
             WriteError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
         }
     }

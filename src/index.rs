@@ -167,9 +167,24 @@ impl Index {
     /// The opt-out set of one pair.
     #[inline]
     pub fn pair(&self, service: &str, channel: &str) -> Result<&IdSet, Unknown> {
+        Ok(&self.pairs[self.pair_pos(service, channel)?])
+    }
+
+    /// The position of a pair: row-major, `service * channels + channel`,
+    /// the order of [`Index::iter_pairs`]. Registering a service appends a
+    /// row, so a pair keeps its position while the process runs (metrics
+    /// count checks by it).
+    #[inline]
+    pub fn pair_pos(&self, service: &str, channel: &str) -> Result<usize, Unknown> {
         let s = self.service_pos(service).ok_or(Unknown::Service)?;
         let c = self.channel_pos(channel).ok_or(Unknown::Channel)?;
-        Ok(&self.pairs[s * self.channels.len() + c])
+        Ok(s * self.channels.len() + c)
+    }
+
+    /// The opt-out set at a position from [`Index::pair_pos`].
+    #[inline]
+    pub fn pair_by_pos(&self, pos: usize) -> &IdSet {
+        &self.pairs[pos]
     }
 
     /// The opt-out set of a pair by position.

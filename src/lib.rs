@@ -17,6 +17,7 @@
 //! - [`config`]: flags, environment and file, validated into [`config::Config`].
 //! - [`metrics`]: the Prometheus registry.
 //! - [`server`]: accept loops and graceful shutdown.
+//! - [`cluster`]: cluster mode, PostgreSQL as the shared system of record.
 //! - [`client`]: the CLI's HTTP client of a running sidecar, and [`import`]
 //!   for CSV/NDJSON preference files.
 
@@ -25,6 +26,7 @@
 pub mod app;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;

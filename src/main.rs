@@ -55,6 +55,8 @@ enum Command {
     /// Opt-out link tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Exit 0 if the sidecar at --url is ready (GET /readyz answers 200), 1 if not: for health checks.
+    Health,
 }
 
 #[derive(Subcommand)]
@@ -167,8 +169,14 @@ fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             None => None,
         };
         let local = api.local_addr().map_err(|e| e.to_string())?;
+        let metrics_local = metrics.as_ref().and_then(|l| l.local_addr().ok());
         let app = App::open(config).map_err(|e| e.to_string())?;
-        tracing::info!(listen = %local, keys = app.config().keys.len(), "prefsd serving");
+        tracing::info!(
+            listen = %local,
+            metrics_listen = %metrics_local.map_or_else(|| "none".to_owned(), |a| a.to_string()),
+            keys = app.config().keys.len(),
+            "prefsd serving"
+        );
         if app.config().keys.is_empty() {
             tracing::info!("no API keys configured: serving unauthenticated on loopback only");
         }
@@ -177,10 +185,17 @@ fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// Logs go to stderr, one line per event (JSON objects with `log_format =
+/// json`); `PREFSD_LOG` filters them (default `info`, which includes one
+/// line per request on target `prefsd::request`).
 fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PREFSD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -281,6 +296,17 @@ fn run_client(client: &Client, command: Command) -> Result<ExitCode, String> {
             println!("env:    PREFSD_KEYS={name}:{role}:{hash}");
         }
         Command::Key(KeyCmd::Hash { key }) => println!("{}", prefsd::auth::hash_key(&key)),
+        Command::Health => match client.send("GET", "/readyz", None, None) {
+            Ok(answer) if answer.status == 200 => println!("ready"),
+            Ok(answer) => {
+                eprintln!("prefsd: not ready: /readyz answered {}", answer.status);
+                return Ok(ExitCode::from(1));
+            }
+            Err(e) => {
+                eprintln!("prefsd: not ready: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        },
         Command::Token(TokenCmd::Issue { customer, service, channel }) => {
             let customer = serde_json::Value::String(customer);
             let body = serde_json::json!({"customer": customer, "service": service, "channel": channel});

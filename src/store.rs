@@ -165,6 +165,33 @@ impl Store {
         Ok(meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0))
     }
 
+    /// Binds this data dir to a PostgreSQL cluster id on first use, and
+    /// refuses a data dir that holds another cluster's (or single-node) events.
+    pub fn bind_cluster(&self, id: u64) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+            let known = meta.get("cluster_id").map_err(|e| e.to_string())?.map(|v| v.value());
+            let last = meta.get("last_seq").map_err(|e| e.to_string())?.map(|v| v.value()).unwrap_or(0);
+            match known {
+                Some(k) if k == id => return Ok(()),
+                Some(_) => {
+                    return Err("this data directory belongs to another postgres cluster; start with an empty data directory".into());
+                }
+                None if last > 0 => {
+                    return Err(format!(
+                        "this data directory holds {last} single-node events; cluster mode needs an empty data directory \
+                         (export the audit log and import it into the cluster instead)"
+                    ));
+                }
+                None => {
+                    meta.insert("cluster_id", id).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+
     /// Every service, in slug order.
     pub fn services(&self) -> Result<Vec<Service>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -401,17 +428,30 @@ impl Batch {
     }
 
     /// Appends `event` with the next sequence number and writes the state it
-    /// implies (the record, or the service). Returns the sequence number.
-    pub fn append(&mut self, event: &Event, record: Option<&Record>) -> Result<u64, StoreError> {
+    /// implies: for a preference, the new record (keeping the first
+    /// `created_at`); for a service, the service. Returns the sequence number
+    /// and the record written.
+    pub fn append(&mut self, event: &Event) -> Result<(u64, Option<Record>), StoreError> {
         let seq = self.next_seq;
+        let mut written = None;
         match event {
             Event::Preference(change) => {
-                let record = record.expect("a preference event comes with its record");
+                let created_at =
+                    self.record(change.customer, &change.scope)?.map_or(change.at, |r| r.created_at);
+                let record = Record {
+                    status: change.after,
+                    reason: change.reason.clone(),
+                    source: change.origin.source.clone(),
+                    created_at,
+                    updated_at: change.at,
+                    seq,
+                };
                 let mut records = self.txn.open_table(RECORDS)?;
                 let key = change.scope.key();
-                records.insert((change.customer.0, key.as_str()), encode(record).as_slice())?;
+                records.insert((change.customer.0, key.as_str()), encode(&record).as_slice())?;
                 let mut by_customer = self.txn.open_table(CUSTOMER_EVENTS)?;
                 by_customer.insert((change.customer.0, seq), ())?;
+                written = Some(record);
             }
             Event::Service(change) => {
                 let mut services = self.txn.open_table(SERVICES)?;
@@ -421,7 +461,20 @@ impl Batch {
         let mut events = self.txn.open_table(EVENTS)?;
         events.insert(seq, encode(event).as_slice())?;
         self.next_seq += 1;
-        Ok(seq)
+        Ok((seq, written))
+    }
+
+    /// A value of the `meta` table.
+    pub fn meta(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let meta = self.txn.open_table(META)?;
+        Ok(meta.get(name)?.map(|v| v.value()))
+    }
+
+    /// Sets a value of the `meta` table.
+    pub fn set_meta(&mut self, name: &str, value: u64) -> Result<(), StoreError> {
+        let mut meta = self.txn.open_table(META)?;
+        meta.insert(name, value)?;
+        Ok(())
     }
 
     /// The sequence number the next appended event will get.

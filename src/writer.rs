@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::domain::{
     CustomerId, Event, Micros, Origin, PreferenceChange, Record, Scope, Service, ServiceChange, ServiceSlug,
@@ -109,6 +109,8 @@ pub enum WriteError {
     ServiceExists(String),
     /// The store failed; nothing in the batch was committed.
     Store(String),
+    /// The shared store (cluster mode) cannot be reached; nothing was acknowledged.
+    Unavailable(String),
     /// prefsd is shutting down.
     Closed,
 }
@@ -123,6 +125,7 @@ impl fmt::Display for WriteError {
             }
             WriteError::ServiceExists(s) => write!(f, "service {s:?} exists already"),
             WriteError::Store(e) => write!(f, "the write was not stored: {e}"),
+            WriteError::Unavailable(e) => f.write_str(e),
             WriteError::Closed => f.write_str("prefsd is shutting down"),
         }
     }
@@ -134,14 +137,18 @@ type Reply = oneshot::Sender<Result<Applied, WriteError>>;
 
 enum Command {
     Write(Op, Reply),
+    Apply(Vec<(u64, Event)>, oneshot::Sender<Result<u64, String>>),
     Snapshot,
     Close(oneshot::Sender<()>),
 }
 
-/// A cheap handle to the writer thread.
+/// A cheap handle to the writer thread (and, in cluster mode, to the
+/// PostgreSQL writer that takes client writes instead).
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Command>,
+    applied: watch::Receiver<u64>,
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 /// Settings of the writer thread.
@@ -160,23 +167,57 @@ impl Writer {
         store: Arc<Store>,
         index: Arc<RwLock<Index>>,
         services: Vec<Service>,
+        last_seq: u64,
         config: WriterConfig,
         metrics: Arc<Metrics>,
     ) -> (Writer, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let (applied_tx, applied) = watch::channel(last_seq);
         let services = services.into_iter().map(|s| (s.slug.clone(), s)).collect();
-        let mut state =
-            State { store, index, services, metrics, max_batch: config.max_batch.max(1), snapshot_seq: None };
+        let mut state = State {
+            store,
+            index,
+            services,
+            metrics,
+            max_batch: config.max_batch.max(1),
+            snapshot_seq: None,
+            applied: applied_tx,
+        };
         let handle = std::thread::Builder::new()
             .name("prefsd-writer".into())
             .spawn(move || state.run(rx))
             .expect("spawn the writer thread");
-        (Writer { tx }, handle)
+        (Writer { tx, applied, cluster: None }, handle)
+    }
+
+    /// Routes client writes to PostgreSQL from now on (cluster mode).
+    pub fn set_cluster(&mut self, cluster: crate::cluster::Cluster) {
+        self.cluster = Some(cluster);
+    }
+
+    /// Follows the sequence number of the last event applied locally.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// Applies events that were committed elsewhere (PostgreSQL), in order,
+    /// in one local transaction; events at or below the local sequence are
+    /// skipped, so each is applied exactly once. Returns the new local sequence.
+    pub async fn apply(&self, events: Vec<(u64, Event)>) -> Result<u64, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Apply(events, reply))
+            .await
+            .map_err(|_| "prefsd is shutting down".to_owned())?;
+        rx.await.map_err(|_| "prefsd is shutting down".to_owned())?
     }
 
     /// Submits one operation and waits until it is durably committed and
     /// visible in the index (or refused).
     pub async fn write(&self, op: Op) -> Result<Applied, WriteError> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.write(op).await;
+        }
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Write(op, reply)).await.map_err(|_| WriteError::Closed)?;
         rx.await.map_err(|_| WriteError::Closed)?
@@ -184,6 +225,9 @@ impl Writer {
 
     /// Submits many operations at once; answers come back in order.
     pub async fn write_many(&self, ops: Vec<Op>) -> Vec<Result<Applied, WriteError>> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.write_many(ops).await;
+        }
         let mut waits = Vec::with_capacity(ops.len());
         for op in ops {
             let (reply, rx) = oneshot::channel();
@@ -221,6 +265,8 @@ struct State {
     max_batch: usize,
     /// Sequence number the stored snapshot is at, once known.
     snapshot_seq: Option<u64>,
+    /// Published after every commit: the last locally applied sequence.
+    applied: watch::Sender<u64>,
 }
 
 impl State {
@@ -229,10 +275,12 @@ impl State {
         while let Some(first) = rx.blocking_recv() {
             let mut close = None;
             let mut snapshot = false;
+            let mut applies = Vec::new();
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
                 match cmd {
                     Command::Write(op, reply) => batch.push((op, reply)),
+                    Command::Apply(events, reply) => applies.push((events, reply)),
                     Command::Snapshot => snapshot = true,
                     Command::Close(done) => close = Some(done),
                 }
@@ -242,6 +290,9 @@ impl State {
             }
             if !batch.is_empty() {
                 self.commit(&mut batch);
+            }
+            for (events, reply) in applies {
+                let _ = reply.send(self.apply_events(events));
             }
             if snapshot || close.is_some() {
                 self.snapshot();
@@ -258,6 +309,43 @@ impl State {
                 return;
             }
         }
+    }
+
+    fn apply_events(&mut self, events: Vec<(u64, Event)>) -> Result<u64, String> {
+        let started = Instant::now();
+        let mut txn = self.store.begin().map_err(|e| e.to_string())?;
+        let mut applied = Vec::with_capacity(events.len());
+        for (seq, event) in events {
+            let next = txn.next_seq();
+            if seq < next {
+                continue;
+            }
+            if seq > next {
+                return Err(format!("event {seq} arrived before event {next}: refusing to skip"));
+            }
+            txn.append(&event).map_err(|e| e.to_string())?;
+            applied.push(event);
+        }
+        let last = txn.next_seq() - 1;
+        if applied.is_empty() {
+            return Ok(last);
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        self.metrics.observe_commit(started.elapsed(), applied.len());
+        let mut index = self.index.write().expect("index lock");
+        for event in &applied {
+            apply_event(&mut index, event);
+        }
+        drop(index);
+        for event in &applied {
+            if let Event::Service(change) = event {
+                self.services.insert(change.service.slug.clone(), change.service.clone());
+            }
+            self.metrics.count_write(event);
+        }
+        self.metrics.set_last_seq(last);
+        self.applied.send_replace(last);
+        Ok(last)
     }
 
     fn snapshot(&mut self) {
@@ -295,6 +383,7 @@ impl State {
                     drop(index);
                     if let Some(seq) = results.iter().flatten().map(|(_, a)| a.seq()).max() {
                         self.metrics.set_last_seq(seq);
+                        self.applied.send_replace(seq);
                     }
                     for ((_, reply), result) in batch.drain(..).zip(results) {
                         if let Ok((event, _)) = &result {
@@ -335,14 +424,6 @@ impl State {
                         continue;
                     }
                     let before = txn.record(*customer, scope)?;
-                    let record = Record {
-                        status: *status,
-                        reason: reason.clone(),
-                        source: origin.source.clone(),
-                        created_at: before.as_ref().map_or(now, |r| r.created_at),
-                        updated_at: now,
-                        seq: txn.next_seq(),
-                    };
                     let event = Event::Preference(PreferenceChange {
                         customer: *customer,
                         scope: scope.clone(),
@@ -352,7 +433,8 @@ impl State {
                         origin: origin.clone(),
                         at: now,
                     });
-                    let seq = txn.append(&event, Some(&record))?;
+                    let (seq, record) = txn.append(&event)?;
+                    let record = record.expect("a preference event writes a record");
                     Ok((event, Applied::Preference { seq, scope: scope.clone(), record }))
                 }
                 Op::CreateService { slug, name, description, actor } => {
@@ -404,7 +486,7 @@ impl State {
     ) -> Result<Result<(Event, Applied), WriteError>, StoreError> {
         let event =
             Event::Service(ServiceChange { service: service.clone(), created, actor: actor.to_owned() });
-        let seq = txn.append(&event, None)?;
+        let (seq, _) = txn.append(&event)?;
         self.services.insert(service.slug.clone(), service.clone());
         Ok(Ok((event, Applied::Service { seq, service })))
     }

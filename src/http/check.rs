@@ -33,11 +33,12 @@ pub fn get<B>(app: &App, req: &Incoming<B>) -> Result<Reply> {
     let customer = CustomerId::parse(&required_param(query, "customer")?)?;
     let service = required_param(query, "service")?;
     let channel = required_param(query, "channel")?;
-    let allowed = app
-        .index()
-        .allowed(customer, &service, &channel)
-        .map_err(|u| ApiError::unknown(u, &service, &channel))?;
-    app.metrics().count_checks(1);
+    let (pos, allowed) = {
+        let index = app.index();
+        let pos = index.pair_pos(&service, &channel).map_err(|u| ApiError::unknown(u, &service, &channel))?;
+        (pos, !index.pair_by_pos(pos).contains(customer.0))
+    };
+    app.metrics().count_checks(pos, u64::from(allowed), u64::from(!allowed));
     Ok(json(
         StatusCode::OK,
         &CheckAnswer { customer: customer.0, service: &service, channel: &channel, allowed },
@@ -47,7 +48,7 @@ pub fn get<B>(app: &App, req: &Incoming<B>) -> Result<Reply> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
-    checks: Vec<OneCheck>,
+    checks: Vec<super::Object<OneCheck>>,
 }
 
 #[derive(Deserialize)]
@@ -75,24 +76,38 @@ where
     too_many(app, body.checks.len(), "checks")?;
     let index = app.index();
     let mut results = Vec::with_capacity(body.checks.len());
-    // Consecutive checks usually share a pair: resolve it once per run.
+    // Consecutive checks usually share a pair: resolve it once per run, and
+    // count each run's answers (pair position, allowed, suppressed) once.
+    let mut runs: Vec<(usize, u64, u64)> = Vec::new();
     let mut last: Option<(&str, &str, &crate::index::IdSet)> = None;
-    for (i, c) in body.checks.iter().enumerate() {
+    for (i, super::Object(c)) in body.checks.iter().enumerate() {
         let set = match last {
             Some((s, h, set)) if s == c.service && h == c.channel => set,
             _ => {
-                let set = index.pair(&c.service, &c.channel).map_err(|u| {
+                let pos = index.pair_pos(&c.service, &c.channel).map_err(|u| {
                     let e = ApiError::unknown(u, &c.service, &c.channel);
                     ApiError { message: format!("checks[{i}]: {}", e.message), ..e }
                 })?;
+                let set = index.pair_by_pos(pos);
                 last = Some((&c.service, &c.channel, set));
+                runs.push((pos, 0, 0));
                 set
             }
         };
-        results.push(!set.contains(c.customer.0));
+        let allowed = !set.contains(c.customer.0);
+        results.push(allowed);
+        if let Some(run) = runs.last_mut() {
+            if allowed {
+                run.1 += 1;
+            } else {
+                run.2 += 1;
+            }
+        }
     }
     drop(index);
-    app.metrics().count_checks(results.len() as u64);
+    for (pos, allowed, suppressed) in runs {
+        app.metrics().count_checks(pos, allowed, suppressed);
+    }
     Ok(json(StatusCode::OK, &BatchAnswer { results }))
 }
 
@@ -146,13 +161,15 @@ where
             )
         })?;
         too_many(app, usize::try_from(recipients.len()).unwrap_or(usize::MAX), "customers")?;
-        let allowed = {
+        let (pos, allowed) = {
             let index = app.index();
-            let set = index.pair(&service, &channel).map_err(|u| ApiError::unknown(u, &service, &channel))?;
-            allowed_bitmap(set, &recipients)
+            let pos =
+                index.pair_pos(&service, &channel).map_err(|u| ApiError::unknown(u, &service, &channel))?;
+            (pos, allowed_bitmap(index.pair_by_pos(pos), &recipients))
         };
-        app.metrics().count_checks(recipients.len());
         let suppressed = recipients.len() - allowed.len();
+        app.metrics().count_checks(pos, allowed.len(), suppressed);
+        app.metrics().observe_filter(true, recipients.len());
         let mut out = Vec::with_capacity(allowed.serialized_size());
         allowed.serialize_into(&mut out).expect("write to Vec");
         let mut reply = bytes_reply(StatusCode::OK, ROARING, out);
@@ -167,11 +184,12 @@ where
     }
     let body: FilterRequest = req.json(limit).await?;
     too_many(app, body.customers.len(), "customers")?;
-    let (allowed, suppressed) = {
+    let (pos, (allowed, suppressed)) = {
         let index = app.index();
-        let set = index.pair(&service, &channel).map_err(|u| ApiError::unknown(u, &service, &channel))?;
-        split(set, &body.customers)
+        let pos = index.pair_pos(&service, &channel).map_err(|u| ApiError::unknown(u, &service, &channel))?;
+        (pos, split(index.pair_by_pos(pos), &body.customers))
     };
-    app.metrics().count_checks(body.customers.len() as u64);
+    app.metrics().count_checks(pos, allowed.len() as u64, suppressed.len() as u64);
+    app.metrics().observe_filter(false, body.customers.len() as u64);
     Ok(json(StatusCode::OK, &FilterAnswer { allowed, suppressed }))
 }

@@ -12,13 +12,20 @@
 //! | `POST /v1/services`, `PATCH /v1/services/S` | admin | [`services`] |
 //! | `POST /v1/tokens` | sender | [`unsubscribe`] |
 //! | `POST /v1/tokens/redeem`, `GET/POST /u/TOKEN` | none (the token) | [`unsubscribe`] |
-//! | `GET /healthz`, `/readyz`, `/metrics` | none | here |
+//! | `GET /healthz`, `/readyz`, `/metrics`, `/openapi.json` | none | here |
+//!
+//! [`ROUTES`] lists every (method, path) in the OpenAPI document's terms;
+//! a test keeps it, the router and `openapi.json` in step. Each request is
+//! counted by [`Route`] (its pattern, never the raw path, which may hold a
+//! token) and logged at info level on target `prefsd::request`, with an
+//! `X-Request-Id` taken from the request or generated, and echoed.
 
 pub mod check;
 pub mod preferences;
 pub mod services;
 pub mod unsubscribe;
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -31,11 +38,138 @@ use serde::Serialize;
 use crate::app::App;
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
+use crate::metrics::Scrape;
 
 /// What every handler answers with.
 pub type Reply = Response<Full<Bytes>>;
 /// What handlers return before the error contract is applied.
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+/// The OpenAPI 3.1 description of this API, served at `GET /openapi.json`.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// Every (method, path) the API listener serves, paths in OpenAPI syntax.
+/// `HEAD` is also answered wherever `GET` is on `/healthz`, `/readyz`,
+/// `/metrics`, `/openapi.json` and `/u/{token}`.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v1/check"),
+    ("POST", "/v1/check"),
+    ("POST", "/v1/filter"),
+    ("GET", "/v1/customers/{customer}/preferences"),
+    ("PUT", "/v1/customers/{customer}/preferences/{service}/{channel}"),
+    ("GET", "/v1/customers/{customer}/audit"),
+    ("GET", "/v1/audit"),
+    ("POST", "/v1/preferences/import"),
+    ("GET", "/v1/services"),
+    ("POST", "/v1/services"),
+    ("GET", "/v1/services/{service}"),
+    ("PATCH", "/v1/services/{service}"),
+    ("GET", "/v1/channels"),
+    ("POST", "/v1/tokens"),
+    ("POST", "/v1/tokens/redeem"),
+    ("GET", "/u/{token}"),
+    ("POST", "/u/{token}"),
+];
+
+/// A route pattern, as metrics and logs name a request: never the raw path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// `/healthz`
+    Healthz,
+    /// `/readyz`
+    Readyz,
+    /// `/metrics`
+    Metrics,
+    /// `/openapi.json`
+    OpenApi,
+    /// `/v1/check`
+    Check,
+    /// `/v1/filter`
+    Filter,
+    /// `/v1/customers/C/preferences`
+    Preferences,
+    /// `/v1/customers/C/preferences/S/H`
+    Preference,
+    /// `/v1/customers/C/audit`
+    CustomerAudit,
+    /// `/v1/audit`
+    Audit,
+    /// `/v1/preferences/import`
+    Import,
+    /// `/v1/services`
+    Services,
+    /// `/v1/services/S`
+    Service,
+    /// `/v1/channels`
+    Channels,
+    /// `/v1/tokens`
+    Tokens,
+    /// `/v1/tokens/redeem`
+    Redeem,
+    /// `/u/T`
+    Page,
+    /// Anything no route matches.
+    Other,
+}
+
+impl Route {
+    /// Every route, in [`Route::index`] order.
+    pub const ALL: [Route; 18] = [
+        Route::Healthz,
+        Route::Readyz,
+        Route::Metrics,
+        Route::OpenApi,
+        Route::Check,
+        Route::Filter,
+        Route::Preferences,
+        Route::Preference,
+        Route::CustomerAudit,
+        Route::Audit,
+        Route::Import,
+        Route::Services,
+        Route::Service,
+        Route::Channels,
+        Route::Tokens,
+        Route::Redeem,
+        Route::Page,
+        Route::Other,
+    ];
+
+    /// Position in [`Route::ALL`].
+    #[inline]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The pattern: `C`, `S`, `H` and `T` stand for customer, service,
+    /// channel and token.
+    pub const fn pattern(self) -> &'static str {
+        match self {
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::OpenApi => "/openapi.json",
+            Route::Check => "/v1/check",
+            Route::Filter => "/v1/filter",
+            Route::Preferences => "/v1/customers/C/preferences",
+            Route::Preference => "/v1/customers/C/preferences/S/H",
+            Route::CustomerAudit => "/v1/customers/C/audit",
+            Route::Audit => "/v1/audit",
+            Route::Import => "/v1/preferences/import",
+            Route::Services => "/v1/services",
+            Route::Service => "/v1/services/S",
+            Route::Channels => "/v1/channels",
+            Route::Tokens => "/v1/tokens",
+            Route::Redeem => "/v1/tokens/redeem",
+            Route::Page => "/u/T",
+            Route::Other => "other",
+        }
+    }
+}
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +228,28 @@ where
     pub async fn json<T: serde::de::DeserializeOwned>(self, limit: usize) -> Result<T> {
         require_json(self.header(header::CONTENT_TYPE))?;
         let bytes = self.bytes(limit).await?;
-        Ok(serde_json::from_slice(&bytes)?)
+        Ok(serde_json::from_slice::<Object<T>>(&bytes)?.0)
+    }
+}
+
+/// A JSON object deserialized into `T`. serde's derived structs also accept
+/// an array of their fields in order; the contract's bodies are objects, so
+/// this refuses anything but a map.
+pub struct Object<T>(pub T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> std::result::Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Visitor(std::marker::PhantomData)).map(Object)
     }
 }
 
@@ -163,7 +318,48 @@ pub fn required_param<'a>(query: &'a str, name: &str) -> Result<std::borrow::Cow
     })
 }
 
-/// Serves one request: routes it, applies the error contract and counts it.
+/// The request id header, taken from the request or generated.
+pub const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// A caller's `X-Request-Id`, if it is short and plain enough to log.
+fn given_request_id(headers: &hyper::HeaderMap) -> Option<HeaderValue> {
+    let v = headers.get(REQUEST_ID)?;
+    let ok = (1..=128).contains(&v.len())
+        && v.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b));
+    ok.then(|| v.clone())
+}
+
+/// A new request id: 16 hex digits from a per-thread counter that starts
+/// at a random value, so ids are unique without a shared atomic.
+fn new_request_id() -> HeaderValue {
+    thread_local! {
+        static NEXT: Cell<u64> = Cell::new({
+            let mut seed = [0u8; 8];
+            // Without randomness, the clock is a good enough start.
+            if getrandom::fill(&mut seed).is_err() {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                seed = nanos.to_le_bytes();
+            }
+            u64::from_le_bytes(seed)
+        });
+    }
+    let n = NEXT.with(|c| {
+        let n = c.get();
+        c.set(n.wrapping_add(1));
+        n
+    });
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 16];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[(n >> (60 - 4 * i)) as usize & 0xf];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+}
+
+/// Serves one request: routes it, applies the error contract, counts it,
+/// logs one line for it and echoes its request id.
 pub async fn handle<B>(app: &App, req: Request<B>, peer: SocketAddr, listener: Listener) -> Reply
 where
     B: Body<Data = Bytes>,
@@ -172,22 +368,28 @@ where
     let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
-    let path = parts.uri.path().to_owned();
+    let request_id = given_request_id(&parts.headers).unwrap_or_else(new_request_id);
     let req = Incoming { parts, body, peer };
     let (route, result) = route(app, req, listener).await;
-    let reply = match result {
+    let mut reply = match result {
         Ok(reply) => reply,
         Err(e) => error_reply(&e),
     };
-    app.metrics().count_request(route, reply.status().as_u16());
-    tracing::debug!(
-        %method,
-        route,
-        path = %path.chars().take(120).collect::<String>(),
-        status = reply.status().as_u16(),
-        micros = started.elapsed().as_micros() as u64,
+    let status = reply.status().as_u16();
+    let took = started.elapsed();
+    app.metrics().count_request(route, status, took);
+    // Only the route pattern: a raw path may hold a token, a query string
+    // customer ids. Fields are evaluated only when the line is enabled.
+    tracing::info!(
+        target: "prefsd::request",
+        method = method.as_str(),
+        route = route.pattern(),
+        status,
+        latency_us = took.as_micros() as u64,
+        request_id = request_id.to_str().unwrap_or(""),
         "request"
     );
+    reply.headers_mut().insert(REQUEST_ID, request_id);
     reply
 }
 
@@ -205,7 +407,7 @@ pub fn authorize<B>(app: &App, req: &Incoming<B>, role: Role) -> Result<Caller> 
     Ok(app.keys().authorize(header, role)?)
 }
 
-async fn route<B>(app: &App, req: Incoming<B>, listener: Listener) -> (&'static str, Result<Reply>)
+async fn route<B>(app: &App, req: Incoming<B>, listener: Listener) -> (Route, Result<Reply>)
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -216,24 +418,43 @@ where
     let get = method == Method::GET || method == Method::HEAD;
     match (listener, segments.as_slice()) {
         (_, ["healthz"]) if get => {
-            ("/healthz", Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
+            (Route::Healthz, Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
         }
-        (_, ["readyz"]) if get => ("/readyz", readyz(app)),
-        (_, ["metrics"]) if get => {
-            let text = app.metrics().render(&app.index());
-            ("/metrics", Ok(bytes_reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)))
+        (_, ["readyz"]) if get => (Route::Readyz, readyz(app)),
+        (_, ["metrics"]) if get => (Route::Metrics, Ok(metrics(app, &req))),
+        (_, ["healthz"]) => (Route::Healthz, Err(method_not_allowed("GET"))),
+        (_, ["readyz"]) => (Route::Readyz, Err(method_not_allowed("GET"))),
+        (_, ["metrics"]) => (Route::Metrics, Err(method_not_allowed("GET"))),
+        (Listener::Metrics, _) => (Route::Other, Err(ApiError::no_route(&path))),
+        (Listener::Api, ["openapi.json"]) if get => {
+            (Route::OpenApi, Ok(bytes_reply(StatusCode::OK, "application/json", OPENAPI)))
         }
-        (_, ["healthz" | "readyz" | "metrics"]) => ("other", Err(method_not_allowed("GET"))),
-        (Listener::Metrics, _) => ("other", Err(ApiError::no_route(&path))),
+        (Listener::Api, ["openapi.json"]) => (Route::OpenApi, Err(method_not_allowed("GET"))),
         (Listener::Api, ["v1", rest @ ..]) => v1(app, req, &method, rest).await,
-        (Listener::Api, ["u", token]) if get => ("/u/T", unsubscribe::page_get(app, &req, token).await),
+        (Listener::Api, ["u", token]) if get => (Route::Page, unsubscribe::page_get(app, &req, token).await),
         (Listener::Api, ["u", token]) if method == Method::POST => {
             let token = token.to_string();
-            ("/u/T", unsubscribe::page_post(app, req, &token).await)
+            (Route::Page, unsubscribe::page_post(app, req, &token).await)
         }
-        (Listener::Api, ["u", _]) => ("/u/T", Err(method_not_allowed("GET, POST"))),
-        _ => ("other", Err(ApiError::no_route(&path))),
+        (Listener::Api, ["u", _]) => (Route::Page, Err(method_not_allowed("GET, POST"))),
+        _ => (Route::Other, Err(ApiError::no_route(&path))),
     }
+}
+
+/// The exposition: OpenMetrics when the scraper asks for it (Prometheus
+/// does), else the Prometheus text format.
+fn metrics<B>(app: &App, req: &Incoming<B>) -> Reply
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let openmetrics = req.header(header::ACCEPT).is_some_and(|a| a.contains("application/openmetrics-text"));
+    // Copy what the exposition needs, so the index lock is not held while encoding.
+    let pairs = Scrape::pairs_of(&app.index());
+    let text = app.metrics().render(Scrape { pairs, ready: app.is_ready() }, openmetrics);
+    let content_type =
+        if openmetrics { crate::metrics::OPENMETRICS } else { crate::metrics::PROMETHEUS_TEXT };
+    bytes_reply(StatusCode::OK, content_type, text)
 }
 
 fn readyz(app: &App) -> Result<Reply> {
@@ -248,57 +469,51 @@ fn readyz(app: &App) -> Result<Reply> {
     }
 }
 
-async fn v1<B>(app: &App, req: Incoming<B>, method: &Method, rest: &[&str]) -> (&'static str, Result<Reply>)
+async fn v1<B>(app: &App, req: Incoming<B>, method: &Method, rest: &[&str]) -> (Route, Result<Reply>)
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use Method as M;
     match (method, rest) {
-        (&M::GET, ["check"]) => ("/v1/check", check::get(app, &req)),
-        (&M::POST, ["check"]) => ("/v1/check", check::batch(app, req).await),
-        (_, ["check"]) => ("/v1/check", Err(method_not_allowed("GET, POST"))),
-        (&M::POST, ["filter"]) => ("/v1/filter", check::filter(app, req).await),
-        (_, ["filter"]) => ("/v1/filter", Err(method_not_allowed("POST"))),
+        (&M::GET, ["check"]) => (Route::Check, check::get(app, &req)),
+        (&M::POST, ["check"]) => (Route::Check, check::batch(app, req).await),
+        (_, ["check"]) => (Route::Check, Err(method_not_allowed("GET, POST"))),
+        (&M::POST, ["filter"]) => (Route::Filter, check::filter(app, req).await),
+        (_, ["filter"]) => (Route::Filter, Err(method_not_allowed("POST"))),
         (&M::GET, ["customers", c, "preferences"]) => {
-            ("/v1/customers/C/preferences", preferences::get(app, &req, c).await)
+            (Route::Preferences, preferences::get(app, &req, c).await)
         }
-        (_, ["customers", _, "preferences"]) => {
-            ("/v1/customers/C/preferences", Err(method_not_allowed("GET")))
-        }
+        (_, ["customers", _, "preferences"]) => (Route::Preferences, Err(method_not_allowed("GET"))),
         (&M::PUT, ["customers", c, "preferences", s, h]) => {
             let (c, s, h) = (c.to_string(), s.to_string(), h.to_string());
-            ("/v1/customers/C/preferences/S/H", preferences::put(app, req, &c, &s, &h).await)
+            (Route::Preference, preferences::put(app, req, &c, &s, &h).await)
         }
-        (_, ["customers", _, "preferences", _, _]) => {
-            ("/v1/customers/C/preferences/S/H", Err(method_not_allowed("PUT")))
-        }
+        (_, ["customers", _, "preferences", _, _]) => (Route::Preference, Err(method_not_allowed("PUT"))),
         (&M::GET, ["customers", c, "audit"]) => {
-            ("/v1/customers/C/audit", preferences::customer_audit(app, &req, c).await)
+            (Route::CustomerAudit, preferences::customer_audit(app, &req, c).await)
         }
-        (_, ["customers", _, "audit"]) => ("/v1/customers/C/audit", Err(method_not_allowed("GET"))),
-        (&M::GET, ["audit"]) => ("/v1/audit", preferences::audit(app, &req).await),
-        (_, ["audit"]) => ("/v1/audit", Err(method_not_allowed("GET"))),
-        (&M::POST, ["preferences", "import"]) => {
-            ("/v1/preferences/import", preferences::import(app, req).await)
-        }
-        (_, ["preferences", "import"]) => ("/v1/preferences/import", Err(method_not_allowed("POST"))),
-        (&M::GET, ["services"]) => ("/v1/services", services::list(app, &req).await),
-        (&M::POST, ["services"]) => ("/v1/services", services::create(app, req).await),
-        (_, ["services"]) => ("/v1/services", Err(method_not_allowed("GET, POST"))),
-        (&M::GET, ["services", s]) => ("/v1/services/S", services::read(app, &req, s).await),
+        (_, ["customers", _, "audit"]) => (Route::CustomerAudit, Err(method_not_allowed("GET"))),
+        (&M::GET, ["audit"]) => (Route::Audit, preferences::audit(app, &req).await),
+        (_, ["audit"]) => (Route::Audit, Err(method_not_allowed("GET"))),
+        (&M::POST, ["preferences", "import"]) => (Route::Import, preferences::import(app, req).await),
+        (_, ["preferences", "import"]) => (Route::Import, Err(method_not_allowed("POST"))),
+        (&M::GET, ["services"]) => (Route::Services, services::list(app, &req).await),
+        (&M::POST, ["services"]) => (Route::Services, services::create(app, req).await),
+        (_, ["services"]) => (Route::Services, Err(method_not_allowed("GET, POST"))),
+        (&M::GET, ["services", s]) => (Route::Service, services::read(app, &req, s).await),
         (&M::PATCH, ["services", s]) => {
             let s = s.to_string();
-            ("/v1/services/S", services::update(app, req, &s).await)
+            (Route::Service, services::update(app, req, &s).await)
         }
-        (_, ["services", _]) => ("/v1/services/S", Err(method_not_allowed("GET, PATCH"))),
-        (&M::POST, ["tokens"]) => ("/v1/tokens", unsubscribe::issue(app, req).await),
-        (_, ["tokens"]) => ("/v1/tokens", Err(method_not_allowed("POST"))),
-        (&M::POST, ["tokens", "redeem"]) => ("/v1/tokens/redeem", unsubscribe::redeem(app, req).await),
-        (_, ["tokens", "redeem"]) => ("/v1/tokens/redeem", Err(method_not_allowed("POST"))),
-        (&M::GET, ["channels"]) => ("/v1/channels", services::channels(app, &req)),
-        (_, ["channels"]) => ("/v1/channels", Err(method_not_allowed("GET"))),
-        _ => ("other", Err(ApiError::no_route(req.parts.uri.path()))),
+        (_, ["services", _]) => (Route::Service, Err(method_not_allowed("GET, PATCH"))),
+        (&M::POST, ["tokens"]) => (Route::Tokens, unsubscribe::issue(app, req).await),
+        (_, ["tokens"]) => (Route::Tokens, Err(method_not_allowed("POST"))),
+        (&M::POST, ["tokens", "redeem"]) => (Route::Redeem, unsubscribe::redeem(app, req).await),
+        (_, ["tokens", "redeem"]) => (Route::Redeem, Err(method_not_allowed("POST"))),
+        (&M::GET, ["channels"]) => (Route::Channels, services::channels(app, &req)),
+        (_, ["channels"]) => (Route::Channels, Err(method_not_allowed("GET"))),
+        _ => (Route::Other, Err(ApiError::no_route(req.parts.uri.path()))),
     }
 }
 

@@ -281,21 +281,24 @@ where
     let mut ops = Vec::new();
     let mut positions = Vec::new();
     for (i, raw) in body.items.into_iter().enumerate() {
-        let op = serde_json::from_value::<ImportItem>(raw).map_err(ApiError::from).and_then(|item| {
-            let scope = parse_scope(app, &item.service, &item.channel)?;
-            Ok(Op::SetPreference {
-                customer: item.customer,
-                scope,
-                status: Status::parse(&item.status)?,
-                reason: check_reason(item.reason)?,
-                origin: Origin {
-                    source: "import".into(),
-                    actor: caller.name.clone(),
-                    client_addr: None,
-                    user_agent: None,
-                },
-            })
-        });
+        let op = serde_json::from_value::<super::Object<ImportItem>>(raw)
+            .map(|o| o.0)
+            .map_err(ApiError::from)
+            .and_then(|item| {
+                let scope = parse_scope(app, &item.service, &item.channel)?;
+                Ok(Op::SetPreference {
+                    customer: item.customer,
+                    scope,
+                    status: Status::parse(&item.status)?,
+                    reason: check_reason(item.reason)?,
+                    origin: Origin {
+                        source: "import".into(),
+                        actor: caller.name.clone(),
+                        client_addr: None,
+                        user_agent: None,
+                    },
+                })
+            });
         match op {
             Ok(op) => {
                 ops.push(op);

@@ -4,7 +4,7 @@
 //! `List-Unsubscribe=One-Click`).
 
 use std::collections::HashSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -18,6 +18,8 @@ use crate::app::App;
 use crate::auth::Role;
 use crate::domain::{CustomerId, Origin, Scope, Status, Target, check_reason};
 use crate::error::ApiError;
+use crate::http::Route;
+use crate::metrics::{Redemption, Via};
 use crate::page::{self, Manage, PairRow};
 use crate::token::Claims;
 use crate::writer::{Applied, Op};
@@ -37,21 +39,28 @@ pub fn client_addr<B>(app: &App, req: &Incoming<B>) -> IpAddr {
     if !trusted(peer) {
         return peer;
     }
-    let mut chain: Vec<IpAddr> = req
+    let chain: Vec<&str> = req
         .parts
         .headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
+        .map(str::trim)
         .collect();
-    while let Some(ip) = chain.pop() {
-        if !trusted(ip) || chain.is_empty() {
-            return ip;
+    // Walk from the right. Some proxies write `ADDR:PORT`; an entry that is
+    // no address at all ends the walk at the trusted hop that relayed it, so
+    // a client-written entry to its left is never believed.
+    let mut last = peer;
+    for entry in chain.into_iter().rev() {
+        let ip = entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()));
+        match ip {
+            Some(ip) if trusted(ip) => last = ip,
+            Some(ip) => return ip,
+            None => return last,
         }
     }
-    peer
+    last
 }
 
 fn origin<B>(app: &App, req: &Incoming<B>, source: &str) -> Origin {
@@ -68,8 +77,28 @@ fn origin<B>(app: &App, req: &Incoming<B>, source: &str) -> Origin {
     }
 }
 
-fn limited<B>(app: &App, req: &Incoming<B>) -> std::result::Result<(), u64> {
-    app.limiter().check(client_addr(app, req), Instant::now()).map_err(|wait| wait.as_secs().max(1))
+/// Takes a rate-limit token for the client; `Err(seconds to wait)` when
+/// none is left (counted by `route`).
+fn limited<B>(app: &App, req: &Incoming<B>, route: Route) -> std::result::Result<(), u64> {
+    app.limiter().check(client_addr(app, req), Instant::now()).map_err(|wait| {
+        app.metrics().count_rate_limited(route);
+        // Rounded up: a client that honours Retry-After is not refused again.
+        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+    })
+}
+
+/// How a redemption's answer counts: written, refused for the token or the
+/// request, refused because the token expired, or failed on the write.
+fn redemption_result(status: StatusCode, expired: bool) -> Redemption {
+    if status.is_success() {
+        Redemption::Ok
+    } else if expired {
+        Redemption::Expired
+    } else if status.is_server_error() || status == StatusCode::CONFLICT {
+        Redemption::Error
+    } else {
+        Redemption::Invalid
+    }
 }
 
 #[derive(Deserialize)]
@@ -133,7 +162,24 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    if let Err(wait) = limited(app, &req) {
+    let mut expired = false;
+    let result = redeem_token(app, req, &mut expired).await;
+    let status = match &result {
+        Ok(reply) => reply.status(),
+        Err(e) => e.status,
+    };
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        app.metrics().count_redemption(Via::Redeem, redemption_result(status, expired));
+    }
+    result
+}
+
+async fn redeem_token<B>(app: &App, req: Incoming<B>, expired: &mut bool) -> Result<Reply>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Err(wait) = limited(app, &req, Route::Redeem) {
         let e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -149,7 +195,10 @@ where
     let status = match body.action.as_str() {
         "opt_out" => Status::OptedOut,
         "opt_in" if !claims.expired => Status::OptedIn,
-        "opt_in" => return Err(invalid_token()),
+        "opt_in" => {
+            *expired = true;
+            return Err(invalid_token());
+        }
         other => {
             return Err(ApiError::bad_request(
                 "invalid_action",
@@ -238,7 +287,7 @@ async fn manage_model(app: &App, claims: &Claims) -> Result<Manage> {
 
 /// `GET /u/TOKEN`: the page. Never changes anything.
 pub async fn page_get<B>(app: &App, req: &Incoming<B>, raw: &str) -> Result<Reply> {
-    if let Err(wait) = limited(app, req) {
+    if let Err(wait) = limited(app, req, Route::Page) {
         return Ok(too_many(wait));
     }
     let Ok(token) = segment(raw) else { return Ok(invalid_page()) };
@@ -313,7 +362,24 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    if let Err(wait) = limited(app, &req) {
+    let mut expired = false;
+    let result = page_action(app, req, raw, &mut expired).await;
+    let status = match &result {
+        Ok(reply) => reply.status(),
+        Err(e) => e.status,
+    };
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        app.metrics().count_redemption(Via::Link, redemption_result(status, expired));
+    }
+    result
+}
+
+async fn page_action<B>(app: &App, req: Incoming<B>, raw: &str, expired: &mut bool) -> Result<Reply>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Err(wait) = limited(app, &req, Route::Page) {
         return Ok(too_many(wait));
     }
     let Ok(token) = segment(raw) else { return Ok(invalid_page()) };
@@ -413,7 +479,10 @@ where
                 ),
             ))
         }
-        Some("opt_in" | "update") => Ok(invalid_page()),
+        Some("opt_in" | "update") => {
+            *expired = true;
+            Ok(invalid_page())
+        }
         _ => Ok(html(
             StatusCode::BAD_REQUEST,
             page::done("That did not work", "The form could not be understood. Open the link again.", None),

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod pg;
+
 use prefsd::app::App;
 use prefsd::client::Client;
 use prefsd::config::Config;
@@ -15,6 +17,9 @@ use prefsd::config::Config;
 /// A sidecar running inside the test process.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The metrics listener's address, when `config.metrics_listen` was set
+    /// (use `127.0.0.1:0`).
+    pub metrics_addr: Option<SocketAddr>,
     pub client: Client,
     pub app: App,
     pub data: PathBuf,
@@ -75,17 +80,23 @@ pub fn spawn_on(data: &Path, tweak: impl FnOnce(&mut Config)) -> TestApp {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
             let addr = listener.local_addr().unwrap();
+            let metrics = match config.metrics_listen {
+                Some(m) => Some(tokio::net::TcpListener::bind(m).await.unwrap()),
+                None => None,
+            };
+            let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
             let app = App::open(config).unwrap();
-            addr_tx.send((addr, app.clone())).unwrap();
-            prefsd::server::run(listener, None, app, async {
+            addr_tx.send((addr, metrics_addr, app.clone())).unwrap();
+            prefsd::server::run(listener, metrics, app, async {
                 let _ = stop_rx.await;
             })
             .await;
         });
     });
-    let (addr, app) = addr_rx.recv_timeout(Duration::from_secs(30)).expect("sidecar started");
+    let (addr, metrics_addr, app) = addr_rx.recv_timeout(Duration::from_secs(30)).expect("sidecar started");
     TestApp {
         addr,
+        metrics_addr,
         client: Client::new(&format!("http://{addr}"), None),
         app,
         data: data.to_owned(),
