@@ -18,7 +18,6 @@ use crate::app::App;
 use crate::auth::Role;
 use crate::domain::{CustomerId, Origin, Scope, Status, Target, check_reason};
 use crate::error::ApiError;
-use crate::http::Route;
 use crate::metrics::{Redemption, Via};
 use crate::page::{self, Manage, PairRow};
 use crate::token::Claims;
@@ -78,10 +77,9 @@ fn origin<B>(app: &App, req: &Incoming<B>, source: &str) -> Origin {
 }
 
 /// Takes a rate-limit token for the client; `Err(seconds to wait)` when
-/// none is left (counted by `route`).
-fn limited<B>(app: &App, req: &Incoming<B>, route: Route) -> std::result::Result<(), u64> {
+/// none is left. (Refusals are counted where every 429 is: `http::handle`.)
+fn limited<B>(app: &App, req: &Incoming<B>) -> std::result::Result<(), u64> {
     app.limiter().check(client_addr(app, req), Instant::now()).map_err(|wait| {
-        app.metrics().count_rate_limited(route);
         // Rounded up: a client that honours Retry-After is not refused again.
         (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
     })
@@ -179,7 +177,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    if let Err(wait) = limited(app, &req, Route::Redeem) {
+    if let Err(wait) = limited(app, &req) {
         let e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -287,7 +285,7 @@ async fn manage_model(app: &App, claims: &Claims) -> Result<Manage> {
 
 /// `GET /u/TOKEN`: the page. Never changes anything.
 pub async fn page_get<B>(app: &App, req: &Incoming<B>, raw: &str) -> Result<Reply> {
-    if let Err(wait) = limited(app, req, Route::Page) {
+    if let Err(wait) = limited(app, req) {
         return Ok(too_many(wait));
     }
     let Ok(token) = segment(raw) else { return Ok(invalid_page()) };
@@ -371,7 +369,8 @@ where
     if status != StatusCode::TOO_MANY_REQUESTS {
         app.metrics().count_redemption(Via::Link, redemption_result(status, expired));
     }
-    result
+    // Whatever fails behind a form is told to the person as a page, not JSON.
+    Ok(result.unwrap_or_else(|e| html(e.status, page::done("That did not work", &e.message, None))))
 }
 
 async fn page_action<B>(app: &App, req: Incoming<B>, raw: &str, expired: &mut bool) -> Result<Reply>
@@ -379,18 +378,27 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    if let Err(wait) = limited(app, &req, Route::Page) {
-        return Ok(too_many(wait));
-    }
-    let Ok(token) = segment(raw) else { return Ok(invalid_page()) };
-    let Ok(claims) = app.tokens().verify(&token, now_secs()) else { return Ok(invalid_page()) };
+    let claims = segment(raw).ok().and_then(|token| app.tokens().verify(&token, now_secs()).ok());
+    let Some(claims) = claims else {
+        if let Err(wait) = limited(app, &req) {
+            return Ok(too_many(wait));
+        }
+        return Ok(invalid_page());
+    };
+    // RFC 8058 POSTs come from mailbox providers' servers, many recipients
+    // behind one address: a valid one-click is never rate limited. Everything
+    // else on this route is.
     let page_origin = origin(app, &req, "token");
+    let limit = limited(app, &req);
     let fields = match form_fields(app, req).await {
         Ok(f) => f,
         Err(e) => return Ok(html(e.status, page::done("That did not work", &e.message, None))),
     };
     let action = field(&fields, "action");
     let one_click = action.is_none() && field(&fields, "List-Unsubscribe") == Some("One-Click");
+    if let (false, Err(wait)) = (one_click, limit) {
+        return Ok(too_many(wait));
+    }
     let write = |scope: Scope, status: Status, reason: Option<String>, origin: Origin| {
         let op = Op::SetPreference { customer: claims.customer, scope, status, reason, origin };
         async move { app.writer().write(op).await }
