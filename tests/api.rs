@@ -1962,13 +1962,11 @@ fn garbage_bitmaps_are_refused_with_400_invalid_bitmap() {
     assert_eq!(decode_bitmap(&a), [0u32, 2].into_iter().collect());
 }
 
-/// BUG (open): serde's derived `Deserialize` also accepts a struct written
-/// as a JSON array of its fields in order, so every JSON body route takes
-/// `["opted_out"]` for `{"status":"opted_out"}` — and writes it. The contract
-/// says the bodies are objects; an array is a wrong type and should be a 400
-/// `invalid_field` that stores nothing. The fix belongs in the shared JSON
-/// body reader (`src/http/mod.rs`, `Incoming::json`) or in per-struct
-/// deserializers that accept maps only.
+/// Regression test: serde's derived `Deserialize` also accepts a struct
+/// written as a JSON array of its fields in order, so every JSON body route
+/// used to take `["opted_out"]` for `{"status":"opted_out"}` — and write it.
+/// The bodies are objects; an array is a wrong type: 400 `invalid_field`,
+/// nothing stored.
 #[test]
 fn positional_arrays_are_not_objects() {
     let app = util::spawn_app();

@@ -437,11 +437,10 @@ fn import_ndjson_reports_accepted_and_rejected_rows_by_line() {
     assert!(!allowed(&app, 8, "rating", "email"));
 }
 
-/// BUG (open, src/import.rs): CSV rows are numbered with the reader's
-/// position *before* `read_record`, which still points at any blank line
-/// the csv crate skips; so a rejected row after a blank line is reported one
-/// line early (here "line 3" for the bad row on line 4). The row's own
-/// position (`StringRecord::position()` after reading) is the right number.
+/// Regression test: CSV rows used to be numbered with the csv reader's
+/// position before `read_record`, which still points at any blank line the
+/// reader then skips, so a rejected row after a blank line was reported one
+/// line early ("line 3" for the bad row on line 4).
 #[test]
 fn csv_line_numbers_count_blank_lines() {
     let app = util::spawn_app();
