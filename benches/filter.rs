@@ -82,7 +82,6 @@ fn bench_filter(c: &mut Criterion) {
         index.apply(CustomerId(u64::from(id)), &scope, Status::OptedOut).unwrap();
     }
     // The store compacts the index after loading it; do the same.
-    index.optimize();
     let set = index.pair("rating", "email").unwrap();
 
     // The roaring request body: what a client's serializer writes.

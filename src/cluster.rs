@@ -244,6 +244,15 @@ async fn open(pg: &tokio_postgres::Config) -> Result<Conn, tokio_postgres::Error
     Ok(Conn { client, statements })
 }
 
+/// Why a sidecar ahead of PostgreSQL can neither follow nor write.
+fn behind(head: u64, local_seq: u64) -> String {
+    format!(
+        "postgres holds events up to {head} but this sidecar has applied up to {local_seq}: postgres lost events \
+         (a standby promoted before replaying them, or a restore from an older backup); writes are refused — \
+         start this sidecar on an empty data directory to follow postgres as it is now"
+    )
+}
+
 fn unavailable(e: &dyn std::fmt::Display) -> WriteError {
     WriteError::Unavailable(format!("postgres is unreachable ({e}); checks still answer, writes are refused"))
 }
@@ -279,22 +288,29 @@ async fn writer_task(
         }
         let c = conn.as_mut().expect("connected above");
         let ops: Vec<&Op> = batch.iter().map(|(op, _)| op).collect();
-        match commit(c, &ops, &config.channels).await {
+        let local_seq = *local.applied().borrow();
+        match commit(c, &ops, &config.channels, local_seq).await {
             Ok(results) => {
                 nudge.notify_one();
+                // Answer once applied locally, without holding up the next
+                // group commit: PostgreSQL commits and local applies overlap.
                 let max = results.iter().flatten().map(Applied::seq).max().unwrap_or(0);
                 let mut applied = local.applied();
-                let done = tokio::time::timeout(APPLY_WAIT, applied.wait_for(|seq| *seq >= max)).await;
-                let late = !matches!(done, Ok(Ok(_)));
-                for ((_, reply), result) in batch.drain(..).zip(results) {
-                    let result = match result {
-                        Ok(_) if late => Err(WriteError::Unavailable(
-                            "the write is committed in postgres but not yet applied by this sidecar".into(),
-                        )),
-                        other => other,
-                    };
-                    let _ = reply.send(result);
-                }
+                let replies: Vec<(Reply, Result<Applied, WriteError>)> =
+                    batch.drain(..).map(|(_, reply)| reply).zip(results).collect();
+                tokio::spawn(async move {
+                    let done = tokio::time::timeout(APPLY_WAIT, applied.wait_for(|seq| *seq >= max)).await;
+                    let late = !matches!(done, Ok(Ok(_)));
+                    for (reply, result) in replies {
+                        let result = match result {
+                            Ok(_) if late => Err(WriteError::Unavailable(
+                                "the write is committed in postgres but not yet applied by this sidecar".into(),
+                            )),
+                            other => other,
+                        };
+                        let _ = reply.send(result);
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "postgres transaction failed; refusing this batch");
@@ -312,15 +328,24 @@ fn micros_param(m: Micros) -> f64 {
 }
 
 /// One group commit. Validation happens here, under the head lock, against
-/// the shared state, so every sidecar refuses the same writes.
+/// the shared state, so every sidecar refuses the same writes. `local_seq`
+/// is the last event this sidecar has applied: a head below it means
+/// PostgreSQL has lost events this sidecar holds, so the sequence numbers it
+/// would hand out are taken here already — the batch is refused (rolled
+/// back) rather than acknowledged without being applied.
 async fn commit(
     conn: &mut Conn,
     ops: &[&Op],
     channels: &[ChannelName],
+    local_seq: u64,
 ) -> Result<Vec<Result<Applied, WriteError>>, tokio_postgres::Error> {
     let s = &conn.statements;
     let txn = conn.client.transaction().await?;
     let mut seq: i64 = txn.query_one(&s.lock_head, &[]).await?.get(0);
+    if (seq as u64) < local_seq {
+        let e = WriteError::Unavailable(behind(seq as u64, local_seq));
+        return Ok(ops.iter().map(|_| Err(e.clone())).collect());
+    }
     let start = seq;
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
@@ -572,7 +597,16 @@ async fn follow(
     status.reachable.store(true, Ordering::Release);
     tracing::info!("following postgres");
     loop {
+        // The head is read before fetching, so the fetch sees every event up
+        // to it: catching up is then reached even while writes keep coming.
+        let head_seq: i64 = client.query_one(&head, &[]).await.map_err(|e| Retry(e.to_string()))?.get(0);
+        status.head.store(head_seq as u64, Ordering::Release);
         let applied = *local.applied().borrow();
+        if (head_seq as u64) < applied {
+            // Events are never fetched at or below `applied` again, so
+            // following on would silently skip what PostgreSQL now writes there.
+            return Err(Fatal(behind(head_seq as u64, applied)));
+        }
         let rows =
             client.query(&fetch, &[&(applied as i64), &FETCH]).await.map_err(|e| Retry(e.to_string()))?;
         let n = rows.len();
@@ -586,8 +620,6 @@ async fn follow(
             }
             local.apply(events).await.map_err(Fatal)?;
         }
-        let head_seq: i64 = client.query_one(&head, &[]).await.map_err(|e| Retry(e.to_string()))?.get(0);
-        status.head.store(head_seq as u64, Ordering::Release);
         if n < FETCH as usize {
             if *local.applied().borrow() >= head_seq as u64 {
                 status.caught_up.store(true, Ordering::Release);

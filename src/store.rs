@@ -328,7 +328,6 @@ impl Store {
         if let Some(prev) = current {
             flush(&mut index, prev, &mut pending);
         }
-        index.optimize();
         Ok(index)
     }
 
@@ -396,8 +395,17 @@ impl Store {
 
     /// Starts the write transaction for one batch.
     pub fn begin(&self) -> Result<Batch, StoreError> {
+        self.begin_with(true)
+    }
+
+    /// Starts a write transaction; a non-durable one is made durable by the
+    /// next durable commit, and lost with everything after the last durable
+    /// one if the process dies first — right for events whose system of
+    /// record is elsewhere (cluster mode), which are fetched again.
+    pub fn begin_with(&self, durable: bool) -> Result<Batch, StoreError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::Immediate).map_err(redb::Error::from)?;
+        let durability = if durable { redb::Durability::Immediate } else { redb::Durability::None };
+        txn.set_durability(durability).map_err(redb::Error::from)?;
         let last = {
             let meta = txn.open_table(META)?;
             meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0)

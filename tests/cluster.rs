@@ -14,7 +14,10 @@
 //!   no sidecar restarted, and nothing acknowledged is lost;
 //! - a streaming standby promoted after the primary crashes takes over the
 //!   writes of sidecars configured with both hosts;
-//! - the schema migration is idempotent and safe when sidecars start at once.
+//! - the schema migration is idempotent and safe when sidecars start at once;
+//! - a sidecar that has applied events PostgreSQL no longer has (a standby
+//!   promoted before replaying them) refuses writes and stops being ready,
+//!   instead of acknowledging writes whose sequence numbers it already holds.
 //!
 //! Every test prints a SKIP line and passes when the PostgreSQL server
 //! binaries are absent (and fails instead under `PREFSD_TEST_REQUIRE_ALL=1`).
@@ -414,9 +417,12 @@ fn assert_acked_present(audit: &[Value], acked: &[Acked], unknown: &[Write], wha
     }
 }
 
-/// The rows of `notification_preferences`: (customer, service, type) →
-/// (status, reason, source, seq).
-type PgRows = BTreeMap<(u64, String, String), (String, Option<String>, String, u64)>;
+/// What a current-state row and an explicit record both say: status,
+/// reason, source and sequence number.
+type Row = (String, Option<String>, String, u64);
+
+/// The rows of `notification_preferences`: (customer, service, type) → row.
+type PgRows = BTreeMap<(u64, String, String), Row>;
 
 fn pg_rows(pg: &Postgres) -> PgRows {
     pg.query(
@@ -537,7 +543,7 @@ fn three_sidecars_converge_on_one_postgres() {
 
     // Random concurrent writes, spread over all three sidecars.
     const THREADS: usize = 6;
-    const WRITES: usize = 600;
+    const WRITES: usize = 400;
     let load = Load::new(clients.iter().enumerate().map(|(i, c)| (i, (*c).clone())).collect());
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -589,25 +595,24 @@ fn three_sidecars_converge_on_one_postgres() {
     let pg_customers: BTreeSet<u64> = rows.keys().map(|k| k.0).collect();
     assert_eq!(pg_customers, rule.customers(), "customers in notification_preferences vs the audit");
     for &customer in &pg_customers {
-        let from_pg: BTreeMap<(String, String), (String, Option<String>, String, u64)> = rows
+        let from_pg: BTreeMap<(String, String), Row> = rows
             .iter()
             .filter(|(k, _)| k.0 == customer)
             .map(|(k, row)| ((k.1.clone(), k.2.clone()), row.clone()))
             .collect();
         for c in &clients {
-            let from_sidecar: BTreeMap<(String, String), (String, Option<String>, String, u64)> =
-                records(c, customer)
-                    .into_iter()
-                    .map(|(k, r)| {
-                        let row = (
-                            r["status"].as_str().unwrap().to_owned(),
-                            r["reason"].as_str().map(str::to_owned),
-                            r["source"].as_str().unwrap().to_owned(),
-                            r["seq"].as_u64().unwrap(),
-                        );
-                        (k, row)
-                    })
-                    .collect();
+            let from_sidecar: BTreeMap<(String, String), Row> = records(c, customer)
+                .into_iter()
+                .map(|(k, r)| {
+                    let row = (
+                        r["status"].as_str().unwrap().to_owned(),
+                        r["reason"].as_str().map(str::to_owned),
+                        r["source"].as_str().unwrap().to_owned(),
+                        r["seq"].as_u64().unwrap(),
+                    );
+                    (k, row)
+                })
+                .collect();
             assert_eq!(from_sidecar, from_pg, "records of customer {customer} vs notification_preferences");
         }
     }
@@ -965,4 +970,88 @@ fn schema_migration_is_idempotent_and_safe_at_once() {
     assert_eq!(last_seq(nodes[1].client()), Some(2));
     assert_eq!(last_seq(extra.client()), Some(2));
     assert!(!check(extra.client(), u64::MAX, "rating", "email"));
+}
+
+#[test]
+fn postgres_behind_a_sidecar_is_refused_not_silently_diverged() {
+    const TEST: &str = "postgres_behind_a_sidecar_is_refused_not_silently_diverged";
+    let Some(primary) = Postgres::start(TEST) else { return };
+    let seed = rule::seed(TEST);
+    let standby = primary.standby();
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&connect_timeout=3",
+        primary.port, standby.port
+    );
+    let a = Node::start(&url);
+    assert_eq!(create_service(a.client(), "rating").status, 201);
+    let customers = customers();
+    let mut rng = Rng::new(seed);
+    // Random writes, on the one service or on every service.
+    let mut write = |c: &Client| {
+        let mut w = random_write(&mut rng, &customers);
+        if w.service != "*" {
+            w.service = "rating".into();
+        }
+        put(c, &w)
+    };
+    for _ in 0..20 {
+        assert!(matches!(write(a.client()), Outcome::Acked(_)));
+    }
+    let lsn = primary.query("SELECT pg_current_wal_lsn()::text")[0][0].clone().unwrap();
+    util::wait_for("the standby to replay the primary's WAL", WAIT, || {
+        let rows = standby.query(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"));
+        (rows[0][0].as_deref() == Some("t")).then_some(())
+    });
+    // The standby stops receiving; the primary takes (and the sidecar
+    // applies) writes the standby will never see; then the primary dies and
+    // the stale standby is promoted: PostgreSQL has lost events this sidecar
+    // has — what an asynchronous standby promoted too early, or a restore
+    // from an older backup, does.
+    standby.crash();
+    for _ in 0..10 {
+        assert!(matches!(write(a.client()), Outcome::Acked(_)), "a write before the loss");
+    }
+    let sidecar_seq = last_seq(a.client()).unwrap();
+    let probes: Vec<(u64, &str, &str)> =
+        customers.iter().flat_map(|&c| CHANNELS.map(|h| (c, "rating", h))).collect();
+    let before = checks(a.client(), &probes);
+    primary.crash();
+    standby.start_server();
+    standby.promote();
+    let pg_head = head(&standby);
+    assert!(pg_head < sidecar_seq, "the promoted server lacks events: {pg_head} < {sidecar_seq}");
+
+    // The sidecar must not acknowledge a write it has not applied: sequence
+    // numbers PostgreSQL now hands out again are ones it already holds for
+    // other changes. Whatever it answers, an acknowledged write must be the
+    // one its own audit log shows at that sequence number.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = 0;
+    while Instant::now() < deadline && refused < 5 {
+        match write(a.client()) {
+            Outcome::Acked(acked) => {
+                let entries = audit(a.client());
+                let at = entries.iter().find(|e| e["seq"].as_u64() == Some(acked.seq));
+                panic!(
+                    "sidecar acknowledged seq {} ({:?}) while postgres was behind it ({pg_head} < {sidecar_seq}); \
+                     its own audit holds at that seq: {at:?}",
+                    acked.seq, acked.write
+                );
+            }
+            Outcome::Refused(answer) => {
+                assert_eq!(answer.status, 503, "{}", String::from_utf8_lossy(&answer.body));
+                refused += 1;
+            }
+            Outcome::Unreachable(e) => panic!("the sidecar did not answer: {e}"),
+        }
+    }
+    assert_eq!(refused, 5);
+    // ... and it says it can no longer follow: not ready.
+    util::wait_for("/readyz to report the sidecar cannot follow", WAIT, || {
+        readyz(a.client()).is_some_and(|(status, _)| status == 503).then_some(())
+    });
+    // Checks still answer from what it has, the lost changes included.
+    assert_eq!(checks(a.client(), &probes), before, "checks once postgres is behind");
+    let (_, v) = readyz(a.client()).unwrap();
+    println!("{TEST}: /readyz says {v}");
 }

@@ -378,6 +378,10 @@ where
     let status = reply.status().as_u16();
     let took = started.elapsed();
     app.metrics().count_request(route, status, took);
+    if status == 429 {
+        // Only the per-address limit of the recipient routes answers 429.
+        app.metrics().count_rate_limited(route);
+    }
     // Only the route pattern: a raw path may hold a token, a query string
     // customer ids. Fields are evaluated only when the line is enabled.
     tracing::info!(
@@ -458,15 +462,32 @@ where
 }
 
 fn readyz(app: &App) -> Result<Reply> {
-    if app.is_ready() {
-        Ok(json(StatusCode::OK, &serde_json::json!({"status": "ready", "last_seq": app.store().last_seq()?})))
-    } else {
-        Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "prefsd is starting or shutting down",
-        ))
+    use std::sync::atomic::Ordering;
+    let last_seq = *app.writer().applied().borrow();
+    let mut body = serde_json::json!({"status": "ready", "last_seq": last_seq});
+    let mut why = "prefsd is starting or shutting down".to_owned();
+    if let Some(c) = app.cluster() {
+        let head = c.head.load(Ordering::Acquire);
+        body["postgres"] = serde_json::json!({
+            "reachable": c.reachable.load(Ordering::Acquire),
+            "head": head,
+            "lag": head.saturating_sub(last_seq),
+        });
+        match c.fatal.lock().expect("status lock").clone() {
+            Some(fatal) => why = fatal,
+            None if !c.caught_up.load(Ordering::Acquire) => {
+                why = format!("catching up with postgres: {} events behind", head.saturating_sub(last_seq));
+            }
+            None => {}
+        }
     }
+    if app.is_ready() {
+        return Ok(json(StatusCode::OK, &body));
+    }
+    // Not ready: the error contract, plus the same status fields.
+    body["status"] = if app.cluster().is_some() { "catching_up" } else { "not_ready" }.into();
+    body["error"] = serde_json::json!({"code": "not_ready", "message": why});
+    Ok(json(StatusCode::SERVICE_UNAVAILABLE, &body))
 }
 
 async fn v1<B>(app: &App, req: Incoming<B>, method: &Method, rest: &[&str]) -> (Route, Result<Reply>)

@@ -168,7 +168,10 @@ where
 pub fn parse_scope(app: &App, service: &str, channel: &str) -> Result<Scope> {
     let scope = Scope::parse(service, channel)?;
     let index = app.index();
+    // In cluster mode a service created through another sidecar may not be
+    // applied here yet: PostgreSQL validates it inside the write instead.
     if let Some(s) = scope.service.one()
+        && app.cluster().is_none()
         && index.service_pos(s.as_str()).is_none()
     {
         return Err(ApiError::unknown_service(s.as_str()));
