@@ -86,8 +86,6 @@ fn bench_check(c: &mut Criterion) {
     for _ in 0..10_000 {
         index.apply(CustomerId(rng.below(UNIVERSE)), &sms, Status::OptedOut).unwrap();
     }
-    // The store compacts the index after loading it; do the same.
-    index.optimize();
     let set = index.pair("rating", "email").unwrap();
     assert_eq!(set.len(), OPTED_OUT);
 

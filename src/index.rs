@@ -19,89 +19,31 @@
 
 use std::collections::HashMap;
 
-use roaring::{RoaringBitmap, RoaringTreemap};
+use roaring::RoaringBitmap;
 
 use crate::domain::{ChannelName, CustomerId, Scope, ServiceSlug, Status, Target};
 
-/// A set of customer ids. Ids below 2^32 — the common case — live in one
-/// 32-bit roaring bitmap, so a probe is a single container lookup and a
-/// 32-bit roaring filter body is one bitmap difference; larger ids go to a
-/// treemap beside it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct IdSet {
-    low: RoaringBitmap,
-    high: RoaringTreemap,
-}
+pub use crate::idset::IdSet;
 
-impl IdSet {
-    /// Whether `id` is in the set.
-    #[inline]
-    pub fn contains(&self, id: u64) -> bool {
-        match u32::try_from(id) {
-            Ok(low) => self.low.contains(low),
-            Err(_) => self.high.contains(id),
+/// FNV-1a, 64-bit: the slug lookup on every check.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
-    }
-
-    /// Adds `id`.
-    pub fn insert(&mut self, id: u64) {
-        match u32::try_from(id) {
-            Ok(low) => self.low.insert(low),
-            Err(_) => self.high.insert(id),
-        };
-    }
-
-    /// Removes `id`.
-    pub fn remove(&mut self, id: u64) {
-        match u32::try_from(id) {
-            Ok(low) => self.low.remove(low),
-            Err(_) => self.high.remove(id),
-        };
-    }
-
-    /// How many ids the set holds.
-    pub fn len(&self) -> u64 {
-        self.low.len() + self.high.len()
-    }
-
-    /// Whether the set is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The ids below 2^32.
-    pub fn low(&self) -> &RoaringBitmap {
-        &self.low
-    }
-
-    /// Bytes the set takes in its serialized form: a close estimate of its
-    /// heap footprint.
-    pub fn serialized_size(&self) -> usize {
-        self.low.serialized_size() + self.high.serialized_size()
-    }
-
-    /// Writes the set: the low bitmap in the portable roaring format, then
-    /// the treemap in its own portable format.
-    pub fn serialize_into(&self, out: &mut Vec<u8>) {
-        // Writing into a Vec cannot fail.
-        self.low.serialize_into(&mut *out).expect("write to Vec");
-        self.high.serialize_into(&mut *out).expect("write to Vec");
-    }
-
-    /// Reads what [`IdSet::serialize_into`] wrote.
-    pub fn deserialize_from(mut bytes: &[u8]) -> std::io::Result<Self> {
-        let low = RoaringBitmap::deserialize_from(&mut bytes)?;
-        let high = RoaringTreemap::deserialize_from(&mut bytes)?;
-        Ok(IdSet { low, high })
-    }
-
-    /// Shrinks containers to their most compact form (run containers where
-    /// they pay off); worth doing after a bulk load.
-    pub fn optimize(&mut self) {
-        self.low.optimize();
-        self.high.optimize();
+        self.0 = h;
     }
 }
+
+/// Builds [`Fnv`] hashers.
+pub type BuildFnv = std::hash::BuildHasherDefault<Fnv>;
 
 /// Why the index could not answer: the name is not registered or configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +59,9 @@ pub enum Unknown {
 pub struct Index {
     channels: Vec<ChannelName>,
     services: Vec<ServiceSlug>,
-    service_pos: HashMap<Box<str>, usize>,
+    /// Slug → row. FNV-1a: slugs are short and not attacker-chosen keys
+    /// (only registered services are inserted), so SipHash's cost buys nothing.
+    service_pos: HashMap<Box<str>, usize, BuildFnv>,
     /// Row-major: `pairs[service * channels.len() + channel]`.
     pairs: Vec<IdSet>,
     /// Per channel: the resolution of `(*, H)` and `(*, *)` records alone.
@@ -128,7 +72,13 @@ impl Index {
     /// An empty index over the configured channels.
     pub fn new(channels: Vec<ChannelName>) -> Self {
         let templates = vec![IdSet::default(); channels.len()];
-        Index { channels, services: Vec::new(), service_pos: HashMap::new(), pairs: Vec::new(), templates }
+        Index {
+            channels,
+            services: Vec::new(),
+            service_pos: HashMap::default(),
+            pairs: Vec::new(),
+            templates,
+        }
     }
 
     /// The configured channels, in order.
@@ -276,16 +226,9 @@ impl Index {
         self.pairs.iter().map(IdSet::len).sum()
     }
 
-    /// Serialized bytes over all pairs and templates.
-    pub fn serialized_size(&self) -> usize {
-        self.pairs.iter().chain(&self.templates).map(IdSet::serialized_size).sum()
-    }
-
-    /// Compacts every set; call after a bulk load.
-    pub fn optimize(&mut self) {
-        for set in self.pairs.iter_mut().chain(&mut self.templates) {
-            set.optimize();
-        }
+    /// Approximate heap bytes of all pairs and templates.
+    pub fn heap_bytes(&self) -> usize {
+        self.pairs.iter().chain(&self.templates).map(IdSet::heap_bytes).sum()
     }
 }
 
@@ -306,7 +249,7 @@ pub fn split(set: &IdSet, ids: &[CustomerId]) -> (Vec<CustomerId>, Vec<CustomerI
 
 /// The allowed part of a 32-bit roaring recipient set: one bitmap difference.
 pub fn allowed_bitmap(set: &IdSet, recipients: &RoaringBitmap) -> RoaringBitmap {
-    recipients - set.low()
+    set.allowed_of(recipients)
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod idset;
 pub mod import;
 pub mod index;
 pub mod metrics;
