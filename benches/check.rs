@@ -9,27 +9,31 @@
 //! Measured in the same run, so the numbers read as ratios:
 //!
 //! - `probe_only`: fetching the next probe, nothing else (the loop's floor);
+//! - `index_pair_lookup`: `Index::pair("rating", "email")` alone, the slug
+//!   and channel lookups without a probe;
 //! - `index_allowed`: `Index::allowed(customer, "rating", "email")`, the full
 //!   path with the slug and channel lookups;
 //! - `idset_contains`: `IdSet::contains` on the resolved pair;
 //! - `roaring_contains`: a plain `RoaringBitmap::contains` on the same ids;
-//! - `flat_bitset_contains`: a `Vec<u64>` with one bit per id in 0..20M;
-//! - `index_pair_lookup`: `Index::pair("rating", "email")` alone, the slug
-//!   and channel lookups without the probe;
-//! - `idset_contains_hot`: `IdSet::contains` cycling over only 32 probes, so
-//!   the containers it touches stay in L1/L2: the binary searches' own cost,
-//!   without cache and TLB misses.
+//! - `flat_bitset_contains`: a `Vec<u64>` with one bit per id in 0..20M.
+//!
+//! The plain forms cycle through 65,536 random probes, independent of each
+//! other, so the CPU overlaps the cache misses of successive probes: a
+//! throughput figure, as in DESIGN.md's baselines. The `_hot` forms cycle
+//! through 32 probes only, so everything they touch stays in L1/L2: the
+//! instructions' own cost, without cache or TLB misses.
+
+mod common;
 
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use common::{Clock, SplitMix64, UNIVERSE, distinct_ids};
+use criterion::{Bencher, Criterion, criterion_group, criterion_main};
 use prefsd::domain::{ChannelName, CustomerId, Scope, ServiceSlug, Status};
 use prefsd::index::Index;
 use roaring::RoaringBitmap;
 
-/// Ids range over 0..UNIVERSE.
-const UNIVERSE: u64 = 20_000_000;
 /// Opted-out ids in the measured pair: 5% of the universe.
 const OPTED_OUT: u64 = 1_000_000;
 /// Pre-generated probes; a power of two so cycling is a mask.
@@ -37,38 +41,7 @@ const PROBES: usize = 1 << 16;
 /// Probes of the cache-hot variant.
 const HOT_PROBES: usize = 32;
 
-/// splitmix64: a fixed-seed generator, enough for benchmark data.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform enough in 0..n for n far below 2^64.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Distinct random ids in 0..UNIVERSE, in drawing order.
-fn distinct_ids(rng: &mut SplitMix64, n: u64) -> Vec<u32> {
-    let mut seen = RoaringBitmap::new();
-    let mut ids = Vec::with_capacity(n as usize);
-    while (ids.len() as u64) < n {
-        let id = rng.below(UNIVERSE) as u32;
-        if seen.insert(id) {
-            ids.push(id);
-        }
-    }
-    ids
-}
-
-fn bench_check(c: &mut Criterion) {
+fn bench_check(c: &mut Criterion<Clock>) {
     let mut rng = SplitMix64(0x00C0_FFEE);
     let opted_out = distinct_ids(&mut rng, OPTED_OUT);
 
@@ -106,69 +79,44 @@ fn bench_check(c: &mut Criterion) {
         assert_eq!(out, bitset[(p >> 6) as usize] >> (p & 63) & 1 == 1);
     }
 
+    let hot = &probes[..HOT_PROBES];
+    let allowed =
+        |id: u64| matches!(index.allowed(CustomerId(id), black_box("rating"), black_box("email")), Ok(true));
+    let in_bitset = |id: u64| bitset.get((id >> 6) as usize).is_some_and(|w| w >> (id & 63) & 1 == 1);
+
     let mut group = c.benchmark_group("check");
-    group.warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(4));
+    group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
 
-    group.bench_function("probe_only", |b| {
-        let mut i = 0usize;
-        b.iter(|| {
-            let id = probes[i & (PROBES - 1)];
-            i = i.wrapping_add(1);
-            black_box(id)
-        })
-    });
-
-    group.bench_function("index_allowed", |b| {
-        let mut i = 0usize;
-        b.iter(|| {
-            let id = black_box(probes[i & (PROBES - 1)]);
-            i = i.wrapping_add(1);
-            black_box(index.allowed(CustomerId(id), black_box("rating"), black_box("email")))
-        })
-    });
-
-    group.bench_function("idset_contains", |b| {
-        let mut i = 0usize;
-        b.iter(|| {
-            let id = black_box(probes[i & (PROBES - 1)]);
-            i = i.wrapping_add(1);
-            black_box(set.contains(id))
-        })
-    });
-
-    group.bench_function("roaring_contains", |b| {
-        let mut i = 0usize;
-        b.iter(|| {
-            let id = black_box(probes[i & (PROBES - 1)]);
-            i = i.wrapping_add(1);
-            black_box(plain.contains(id as u32))
-        })
-    });
-
-    group.bench_function("flat_bitset_contains", |b| {
-        let mut i = 0usize;
-        b.iter(|| {
-            let id = black_box(probes[i & (PROBES - 1)]);
-            i = i.wrapping_add(1);
-            black_box(bitset.get((id >> 6) as usize).is_some_and(|w| w >> (id & 63) & 1 == 1))
-        })
-    });
-
+    group.bench_function("probe_only", |b| independent(b, &probes, |_| false));
     group.bench_function("index_pair_lookup", |b| {
         b.iter(|| black_box(index.pair(black_box("rating"), black_box("email")).is_ok()))
     });
-
-    group.bench_function("idset_contains_hot", |b| {
-        let mut i = 0usize;
-        b.iter(|| {
-            let id = black_box(probes[i & (HOT_PROBES - 1)]);
-            i = i.wrapping_add(1);
-            black_box(set.contains(id))
-        })
-    });
+    group.bench_function("index_allowed", |b| independent(b, &probes, allowed));
+    group.bench_function("index_allowed_hot", |b| independent(b, hot, allowed));
+    group.bench_function("idset_contains", |b| independent(b, &probes, |id| set.contains(id)));
+    group.bench_function("idset_contains_hot", |b| independent(b, hot, |id| set.contains(id)));
+    group.bench_function("roaring_contains", |b| independent(b, &probes, |id| plain.contains(id as u32)));
+    group.bench_function("flat_bitset_contains", |b| independent(b, &probes, in_bitset));
 
     group.finish();
 }
 
-criterion_group!(benches, bench_check);
+/// Times `f` on each probe in turn. The probes are independent, so the CPU
+/// may overlap the cache misses of several: a throughput figure, the way a
+/// batch or a filter runs.
+fn independent(b: &mut Bencher<'_, Clock>, probes: &[u64], f: impl Fn(u64) -> bool) {
+    let mask = probes.len() - 1;
+    let mut i = 0usize;
+    b.iter(|| {
+        let id = black_box(probes[i & mask]);
+        i = i.wrapping_add(1);
+        black_box(f(id))
+    })
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().with_measurement(Clock::from_env());
+    targets = bench_check
+}
 criterion_main!(benches);

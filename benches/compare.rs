@@ -19,10 +19,19 @@
 //! primary key. Both are deleted afterwards. An unreachable peer prints
 //! `SKIP <peer>` and the others carry on.
 //!
+//! prefsd is loaded through `POST /v1/preferences/import`, which takes minutes
+//! for millions of rows, so the loaded data dir is cached under
+//! `target/tmp/compare-cache/` (`PREFSD_BENCH_CACHE=0` turns that off) and
+//! every run serves a private copy; `--quick` stays under a minute once the
+//! cache exists. Start-up and memory are measured in a child process (this
+//! binary re-executed with `PREFSD_COMPARE_OPEN=DIR`). `PREFSD_BENCH_ONLY=
+//! single,batch,filter,writes,startup` runs a subset, for profiling.
+//!
 //! Every comparison prints one line `compare <name>: prefsd=<v> <unit>
 //! <peer>=<v> <unit> ratio=<x>`, ratio > 1 meaning prefsd is better (for
 //! throughput prefsd/peer, for latencies peer/prefsd), then a summary table,
-//! memory, start-up, and the DESIGN targets met or missed.
+//! memory, start-up, and the DESIGN targets met or missed. See
+//! `benches/README.md`.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -106,7 +115,7 @@ impl Opts {
             Opts {
                 quick,
                 run: Duration::from_secs(1),
-                warmup: Duration::from_millis(200),
+                warmup: Duration::from_millis(100),
                 runs: 3,
                 filter_runs: 3,
                 only: only(),
@@ -612,7 +621,7 @@ async fn loaded_dir(
     let dir = cache_root().map_or_else(|| scratch.join(name), |root| root.join(name));
     let marker = dir.join("complete");
     if let Ok(text) = std::fs::read_to_string(&marker) {
-        return Ok((dir.join("data"), format!("copied from the cache {} — {}", dir.display(), text.trim())));
+        return Ok((dir.join("data"), format!("reused from the cache {} — {}", dir.display(), text.trim())));
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -672,7 +681,11 @@ async fn bench_sidecar(data: &Data, scratch: &Path) -> Result<(Sidecar, Duration
         let run_dir = scratch.join("data");
         let _ = std::fs::remove_dir_all(&run_dir);
         if cache_root().is_some() {
-            copy_dir(&dir, &run_dir).map_err(|e| format!("copy {}: {e}", dir.display()))?;
+            let (from, to) = (dir.clone(), run_dir.clone());
+            tokio::task::spawn_blocking(move || copy_dir(&from, &to))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("copy {}: {e}", dir.display()))?;
         } else {
             std::fs::rename(&dir, &run_dir).map_err(|e| e.to_string())?;
         }
@@ -1084,12 +1097,15 @@ struct FilterAnswer {
     suppressed: Vec<u64>,
 }
 
-/// Times `runs` filters after one warm-up; prints them; answers the median ms.
+/// Times `opts.filter_runs` filters after one warm-up; prints them; answers the median ms.
 macro_rules! timed {
-    ($label:expr, $runs:expr, $body:expr) => {{
-        $body;
+    ($label:expr, $opts:expr, $body:expr) => {{
+        // One warm-up filter, except in --quick, which has no minute to spare.
+        if !$opts.quick {
+            $body;
+        }
         let mut times = Vec::new();
-        for _ in 0..$runs {
+        for _ in 0..$opts.filter_runs {
             let t = Instant::now();
             $body;
             times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -1416,11 +1432,12 @@ async fn run(opts: Opts) {
     println!("load average at start: {}", loadavg());
     println!(
         "mode: {} ({} s per run, {} runs, medians; {CONNS} connections, {WRITERS} writers; \
-         filter: one client, median of {})",
+         filter: one client, median of {}{})",
         if opts.quick { "quick" } else { "full" },
         opts.run.as_secs_f64(),
         opts.runs,
-        opts.filter_runs
+        opts.filter_runs,
+        if opts.quick { ", no warm-up" } else { " after a warm-up" }
     );
     println!(
         "client and prefsd share the machine's cores; Redis and PostgreSQL run as their own processes on loopback"
@@ -1440,6 +1457,19 @@ async fn run(opts: Opts) {
         data.expected_allowed,
         started.elapsed().as_secs_f64()
     );
+
+    // --- the peers load in the background (separate processes) while prefsd's data dir is copied
+    let redis_url = std::env::var("PREFSD_BENCH_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let pg_url = std::env::var("PREFSD_BENCH_PG")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
+    let redis_setup = tokio::spawn({
+        let (url, data) = (redis_url.clone(), data.clone());
+        async move { setup_redis(&url, &data).await }
+    });
+    let pg_setup = tokio::spawn({
+        let (url, data) = (pg_url.clone(), data.clone());
+        async move { setup_pg(&url, &data).await }
+    });
 
     // --- prefsd
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1474,16 +1504,9 @@ async fn run(opts: Opts) {
     );
 
     // --- peers
-    let mut peers = Peers {
-        redis_url: std::env::var("PREFSD_BENCH_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-        pg_url: std::env::var("PREFSD_BENCH_PG")
-            .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into()),
-        redis: None,
-        pg: None,
-    };
-    // Both peers load at once: they are separate processes, and --quick must be quick.
-    let ((redis, redis_lines), (pg, pg_lines)) =
-        tokio::join!(setup_redis(&peers.redis_url, &data), setup_pg(&peers.pg_url, &data));
+    let mut peers = Peers { redis_url, pg_url, redis: None, pg: None };
+    let (redis, redis_lines) = redis_setup.await.expect("redis setup");
+    let (pg, pg_lines) = pg_setup.await.expect("postgres setup");
     for line in redis_lines.iter().chain(&pg_lines) {
         println!("{line}");
     }
@@ -1498,19 +1521,29 @@ async fn run(opts: Opts) {
     }
 
     let mut rows = Vec::new();
+    let mut phases = vec![("load", all_started.elapsed())];
+    let mut mark = |name: &'static str| {
+        let total = all_started.elapsed();
+        let before: Duration = phases.iter().map(|(_, d)| *d).sum();
+        phases.push((name, total.saturating_sub(before)));
+    };
     if opts.wants("single") {
         rows.push(single_checks(addr, &peers, &data, &opts).await);
+        mark("single");
     }
     if opts.wants("batch") {
         rows.push(batch_checks(addr, &peers, &opts).await);
+        mark("batch");
     }
     if opts.wants("filter") {
         let (roaring, json) = filters(addr, &peers, &data, &opts).await;
         rows.push(roaring);
         rows.push(json);
+        mark("filter");
     }
     if opts.wants("writes") {
         rows.push(writes(addr, &peers, &opts).await);
+        mark("writes");
     }
 
     // --- clean up the peers
@@ -1535,16 +1568,23 @@ async fn run(opts: Opts) {
         stop_took.as_secs_f64() * 1e3,
         dir_bytes(&data_dir) as f64 / 1048576.0
     );
-    let small = tokio::task::spawn_blocking({
-        let d = data_dir.clone();
-        move || startup_runs(&format!("{} opt-outs, {} pairs", data.rows(), data.pairs.len()), &d)
-    })
-    .await
-    .expect("join");
-    match &small {
-        Ok(o) => print_opened("bench data set", o),
-        Err(e) => println!("  ERROR reopening: {e}"),
-    }
+    let small = if opts.quick && opts.wants("startup") && startup_cached() {
+        println!("  bench data set: not reopened in --quick (the cached 10M data set is, below)");
+        Err("skipped".to_string())
+    } else {
+        let small = tokio::task::spawn_blocking({
+            let d = data_dir.clone();
+            let label = format!("{} opt-outs, {} pairs", data.rows(), data.pairs.len());
+            move || startup_runs(&label, &d)
+        })
+        .await
+        .expect("join");
+        match &small {
+            Ok(o) => print_opened("bench data set", o),
+            Err(e) => println!("  ERROR reopening: {e}"),
+        }
+        small
+    };
     drop(dir);
     let big = if !opts.wants("startup") {
         None
@@ -1557,6 +1597,8 @@ async fn run(opts: Opts) {
             }
         }
     };
+
+    mark("startup");
 
     // --- summary
     println!();
@@ -1586,7 +1628,8 @@ async fn run(opts: Opts) {
     println!();
     targets(&rows, big.as_ref(), small.as_ref().ok());
     println!("load average at end: {}", loadavg());
-    println!("total time {:.1} s", all_started.elapsed().as_secs_f64());
+    let phases: Vec<String> = phases.iter().map(|(n, d)| format!("{n} {:.1} s", d.as_secs_f64())).collect();
+    println!("total time {:.1} s ({})", all_started.elapsed().as_secs_f64(), phases.join(", "));
 }
 
 /// Connects to Redis and loads the sets; `None` (with a SKIP line) when unreachable.
@@ -1864,7 +1907,6 @@ async fn filters(addr: SocketAddr, peers: &Peers, data: &Data, opts: &Opts) -> (
     let mut roaring = Row::new("filter_roaring", "filter 1M, roaring bodies", "ms", false);
     let mut json = Row::new("filter_json", "filter 1M, JSON bodies", "ms", false);
     let expected = data.expected_allowed;
-    let runs = opts.filter_runs;
 
     // Bodies, with what building them costs the client (not in the timings).
     let t = Instant::now();
@@ -1897,12 +1939,12 @@ async fn filters(addr: SocketAddr, peers: &Peers, data: &Data, opts: &Opts) -> (
         let mut http = Http::connect(addr).await?;
         let r = timed!(
             "prefsd POST /v1/filter, application/vnd.roaring",
-            runs,
+            opts,
             prefsd_filter_roaring(&mut http, &roaring_body, expected).await?
         );
         let j = timed!(
             "prefsd POST /v1/filter, application/json",
-            runs,
+            opts,
             prefsd_filter_json(&mut http, &json_body, expected).await?
         );
         Ok::<_, String>((r, j))
@@ -1932,7 +1974,7 @@ async fn filters(addr: SocketAddr, peers: &Peers, data: &Data, opts: &Opts) -> (
                 let (cmds, chunks) = (Arc::new(cmds), Arc::new(chunks));
                 let conns = redis_conns(&peers.redis_url, k).await?;
                 let label = format!("redis SMISMEMBER, chunks of {chunk} over {k} connections");
-                let m = timed!(label, runs, redis_filter_chunks(&conns, &cmds, &chunks, expected).await?);
+                let m = timed!(label, opts, redis_filter_chunks(&conns, &cmds, &chunks, expected).await?);
                 if best.as_ref().is_none_or(|(b, _)| m < *b) {
                     best = Some((m, label));
                 }
@@ -1948,7 +1990,7 @@ async fn filters(addr: SocketAddr, peers: &Peers, data: &Data, opts: &Opts) -> (
                 pipe.cmd("UNLINK").arg(REDIS_TMP).ignore();
                 let mut conn = redis_conn(&peers.redis_url).await?;
                 let label = "redis SADD temp set + SDIFF + UNLINK, one pipeline".to_string();
-                let m = timed!(label, runs, redis_filter_sdiff(&mut conn, &pipe, expected).await?);
+                let m = timed!(label, opts, redis_filter_sdiff(&mut conn, &pipe, expected).await?);
                 if best.as_ref().is_none_or(|(b, _)| m < *b) {
                     best = Some((m, label));
                 }
@@ -1977,7 +2019,7 @@ async fn filters(addr: SocketAddr, peers: &Peers, data: &Data, opts: &Opts) -> (
                 .map_err(pg_err)?;
             let a = timed!(
                 "postgres unnest($1) NOT EXISTS anti-join, rows",
-                runs,
+                opts,
                 pg_filter_rows(&client, &rows_stmt, &ids, expected).await?
             );
             if opts.quick {
@@ -1986,7 +2028,7 @@ async fn filters(addr: SocketAddr, peers: &Peers, data: &Data, opts: &Opts) -> (
             }
             let b = timed!(
                 "postgres unnest($1) NOT EXISTS anti-join, array_agg",
-                runs,
+                opts,
                 pg_filter_array(&client, &array_stmt, &ids, expected).await?
             );
             Ok::<_, String>(if a <= b {
@@ -2080,9 +2122,18 @@ async fn writes(addr: SocketAddr, peers: &Peers, opts: &Opts) -> Row {
 /// 10,000,000 opt-outs over 10 services × 2 channels, imported through the
 /// API (or cached from an earlier run), reopened three times in a child
 /// process. `--quick` measures it only when the cache holds it.
+fn startup_name() -> String {
+    format!("startup-{STARTUP_TOTAL}-{SPREAD_SERVICES}x{}-v1", CHANNELS.len())
+}
+
+/// Whether a complete 10M data set is in the cache.
+fn startup_cached() -> bool {
+    cache_root().is_some_and(|root| root.join(startup_name()).join("complete").is_file())
+}
+
 async fn startup_10m(quick: bool) -> Result<Option<Opened>, String> {
-    let name = format!("startup-{STARTUP_TOTAL}-{SPREAD_SERVICES}x{}-v1", CHANNELS.len());
-    let cached = cache_root().is_some_and(|root| root.join(&name).join("complete").is_file());
+    let name = startup_name();
+    let cached = startup_cached();
     if quick && !cached {
         println!(
             "  10M data set: skipped in --quick (importing 10,000,000 opt-outs through the API takes minutes at the \

@@ -18,6 +18,17 @@
 //! sidecar started with `PREFSD_LOG=warn` does: the per-request line is
 //! filtered out.
 //!
+//! The `counting` group isolates what a check request pays for metrics and
+//! logs, in nanoseconds, next to what a labelled `Family` lookup per request
+//! (the way counting worked before) costs:
+//!
+//! - `request_and_check`: `Metrics::count_request` and `count_checks`, the
+//!   two calls a `GET /v1/check` makes;
+//! - `family_lookup`: `Family::get_or_create(&labels).inc()` with a
+//!   (route, status) label set;
+//! - `log_filtered`: the per-request `tracing::info!` with the level
+//!   filtered out.
+//!
 //! Compare medians across builds (`cargo bench --bench http_check`).
 
 use std::future::Future;
@@ -34,8 +45,12 @@ use hyper::Request;
 use prefsd::app::App;
 use prefsd::config::Config;
 use prefsd::domain::{CustomerId, Origin, Scope, ServiceSlug, Status};
-use prefsd::http::{Listener, handle};
+use prefsd::http::{Listener, Route, handle};
+use prefsd::metrics::Metrics;
 use prefsd::writer::Op;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use roaring::RoaringBitmap;
 
 /// Ids range over 0..UNIVERSE.
@@ -52,6 +67,13 @@ fn now<F: Future>(f: F) -> F::Output {
         Poll::Ready(v) => v,
         Poll::Pending => panic!("the check path waited"),
     }
+}
+
+/// The label set of the old per-request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: &'static str,
+    status: u16,
 }
 
 /// splitmix64: fixed-seed benchmark data.
@@ -103,6 +125,12 @@ fn open(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> App {
 }
 
 fn bench_http(c: &mut Criterion) {
+    // The process-wide subscriber, as `prefsd serve` installs one, filtering
+    // at warn: callsites below it are disabled once and stay so.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::sink)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let app = open(&rt, dir.path());
@@ -145,22 +173,9 @@ fn bench_http(c: &mut Criterion) {
         out.into()
     };
 
-    let quiet = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-        .with_writer(std::io::sink)
-        .finish();
-    let logged = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .with_writer(std::io::sink)
-        .finish();
-    let quiet = tracing::Dispatch::new(quiet);
-    let logged = tracing::Dispatch::new(logged);
-
     let mut group = c.benchmark_group("http_check");
     group.warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(5));
 
-    let _quiet = tracing::dispatcher::set_default(&quiet);
     group.bench_function("get", |b| {
         let mut i = 0usize;
         b.iter(|| {
@@ -192,7 +207,18 @@ fn bench_http(c: &mut Criterion) {
         })
     });
 
-    tracing::dispatcher::with_default(&logged, || {
+    group.finish();
+    counting(c);
+
+    // Last, because a second subscriber makes every callsite ask again.
+    let logged = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .finish();
+    let mut group = c.benchmark_group("http_check");
+    group.warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(5));
+    tracing::subscriber::with_default(logged, || {
         group.bench_function("get_logged", |b| {
             let mut i = 0usize;
             b.iter(|| {
@@ -206,6 +232,41 @@ fn bench_http(c: &mut Criterion) {
 
     group.finish();
     rt.block_on(app.close());
+}
+
+/// What one check request pays for counting and for its filtered-out log
+/// line, beside the per-request `Family` lookup counting used to cost.
+fn counting(c: &mut Criterion) {
+    let mut group = c.benchmark_group("counting");
+    group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    let metrics = Metrics::new();
+    let took = Duration::from_micros(3);
+    group.bench_function("request_and_check", |b| {
+        b.iter(|| {
+            metrics.count_request(black_box(Route::Check), black_box(200), black_box(took));
+            metrics.count_checks(black_box(0), 1, 0);
+        })
+    });
+    let family = Family::<RouteStatus, Counter>::default();
+    group.bench_function("family_lookup", |b| {
+        b.iter(|| {
+            family.get_or_create(&RouteStatus { route: black_box("/v1/check"), status: black_box(200) }).inc()
+        })
+    });
+    group.bench_function("log_filtered", |b| {
+        b.iter(|| {
+            tracing::info!(
+                target: "prefsd::request",
+                method = black_box("GET"),
+                route = black_box("/v1/check"),
+                status = black_box(200u16),
+                latency_us = black_box(3u64),
+                request_id = black_box("0123456789abcdef"),
+                "request"
+            )
+        })
+    });
+    group.finish();
 }
 
 criterion_group!(benches, bench_http);

@@ -304,7 +304,8 @@ async fn writer_task(
                     for (reply, result) in replies {
                         let result = match result {
                             Ok(_) if late => Err(WriteError::Unavailable(
-                                "the write is committed in postgres but not yet applied by this sidecar".into(),
+                                "the write is committed in postgres but not yet applied by this sidecar"
+                                    .into(),
                             )),
                             other => other,
                         };

@@ -258,10 +258,14 @@ impl IdSet {
     }
 
     /// The allowed part of a 32-bit roaring recipient set: every recipient
-    /// not in this set, in one ascending pass.
+    /// not in this set.
     pub fn allowed_of(&self, recipients: &RoaringBitmap) -> RoaringBitmap {
-        RoaringBitmap::from_sorted_iter(recipients.iter().filter(|&id| !self.contains_low(id)))
-            .expect("a roaring bitmap iterates in ascending order")
+        // Build the (usually small) suppressed part and subtract it: one
+        // roaring difference, instead of rebuilding the allowed majority.
+        let suppressed =
+            RoaringBitmap::from_sorted_iter(recipients.iter().filter(|&id| self.contains_low(id)))
+                .expect("a roaring bitmap iterates in ascending order");
+        recipients - suppressed
     }
 }
 

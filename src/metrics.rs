@@ -532,9 +532,14 @@ impl Metrics {
         self.redemptions[via as usize][result as usize].inc();
     }
 
-    /// Counts one request refused by the rate limit.
+    /// Counts one request refused by the rate limit (of `/u/T` or
+    /// `/v1/tokens/redeem`, the only limited routes).
     pub fn count_rate_limited(&self, route: Route) {
-        self.rate_limited[usize::from(route != Route::Page)].inc();
+        match route {
+            Route::Page => self.rate_limited[0].inc(),
+            Route::Redeem => self.rate_limited[1].inc(),
+            _ => 0,
+        };
     }
 
     /// Records one durable commit.

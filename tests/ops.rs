@@ -182,10 +182,12 @@ fn redemptions_and_rate_limits_are_counted_by_result() {
     );
     assert_eq!(form(&format!("/u/{old}"), "action=opt_in&scope=token"), 404);
     assert_eq!(form("/u/AAAA", "List-Unsubscribe=One-Click"), 404);
-    // The burst of six is spent: the next ones are refused and counted.
+    // The burst of six is spent: the next ones are refused and counted,
+    // except a valid RFC 8058 one-click, which is never refused.
     assert_eq!(send("POST", "/v1/tokens/redeem", json!({"token": fresh, "action": "opt_out"})), 429);
-    assert_eq!(form(&format!("/u/{fresh}"), "List-Unsubscribe=One-Click"), 429);
+    assert_eq!(form(&format!("/u/{fresh}"), "action=opt_out&scope=token"), 429);
     assert_eq!(c.send("GET", &format!("/u/{fresh}"), None, None).unwrap().status, 429);
+    assert_eq!(form(&format!("/u/{fresh}"), "List-Unsubscribe=One-Click"), 200);
 
     let r = |via: &str, result: &str| {
         metric(&app, &format!("prefsd_token_redemptions_total{{via=\"{via}\",result=\"{result}\"}}"))
@@ -194,11 +196,13 @@ fn redemptions_and_rate_limits_are_counted_by_result() {
     assert_eq!(r("redeem", "expired"), 1.0);
     assert_eq!(r("redeem", "invalid"), 1.0);
     assert_eq!(r("redeem", "error"), 0.0);
-    assert_eq!(r("link", "ok"), 1.0);
+    assert_eq!(r("link", "ok"), 2.0);
     assert_eq!(r("link", "expired"), 1.0);
     assert_eq!(r("link", "invalid"), 1.0);
     assert_eq!(metric(&app, "prefsd_rate_limited_total{route=\"/v1/tokens/redeem\"}"), 1.0);
     assert_eq!(metric(&app, "prefsd_rate_limited_total{route=\"/u/T\"}"), 2.0);
     assert_eq!(metric(&app, "prefsd_preference_writes_total{source=\"token\"}"), 1.0);
-    assert_eq!(metric(&app, "prefsd_preference_writes_total{source=\"one_click\"}"), 1.0);
+    assert_eq!(metric(&app, "prefsd_preference_writes_total{source=\"one_click\"}"), 2.0);
+    let refused = "prefsd_http_requests_total{route=\"/u/T\",status=\"429\"}";
+    assert_eq!(metric(&app, refused), 2.0, "every refusal is a 429");
 }
