@@ -422,6 +422,10 @@ pub struct Metrics {
     commit_seconds: Histogram,
     commit_batch: Histogram,
     last_seq: Gauge<u64, AtomicU64>,
+    /// Cluster mode: events PostgreSQL has that this sidecar has not applied.
+    replication_lag: Gauge<u64, AtomicU64>,
+    /// Cluster mode: 1 while the follower's PostgreSQL connection is up.
+    postgres_up: Gauge,
     /// Ids per filter request: JSON, roaring.
     filter_sizes: [Histogram; 2],
     /// `[via][result]`, resolved once.
@@ -454,6 +458,18 @@ impl Metrics {
         sub.register("commit_batch_size", "Writes sharing one durable commit", commit_batch.clone());
         let last_seq = Gauge::<u64, AtomicU64>::default();
         sub.register("last_applied_sequence", "Sequence number of the last applied event", last_seq.clone());
+        let replication_lag = Gauge::<u64, AtomicU64>::default();
+        sub.register(
+            "replication_lag_events",
+            "Cluster mode: events committed in PostgreSQL not yet applied by this sidecar",
+            replication_lag.clone(),
+        );
+        let postgres_up = Gauge::default();
+        sub.register(
+            "postgres_up",
+            "Cluster mode: 1 while the follower is connected to PostgreSQL",
+            postgres_up.clone(),
+        );
 
         let filters = Family::<FormatLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(1.0, 10.0, 8))
@@ -489,6 +505,8 @@ impl Metrics {
             commit_seconds,
             commit_batch,
             last_seq,
+            replication_lag,
+            postgres_up,
             filter_sizes,
             redemptions,
             rate_limited,
@@ -546,6 +564,12 @@ impl Metrics {
     pub fn observe_commit(&self, took: Duration, ops: usize) {
         self.commit_seconds.observe(took.as_secs_f64());
         self.commit_batch.observe(ops as f64);
+    }
+
+    /// Cluster mode: the replication lag and whether PostgreSQL is reachable.
+    pub fn set_cluster(&self, lag: u64, reachable: bool) {
+        self.replication_lag.set(lag);
+        self.postgres_up.set(i64::from(reachable));
     }
 
     /// Records the sequence number of the last applied event.

@@ -836,6 +836,13 @@ fn postgres_outage_keeps_checks_and_refuses_writes() {
         );
         assert_eq!(v["postgres"]["head"], json!(head), "sidecar {i}: /readyz reports the postgres head: {v}");
         assert_eq!(v["postgres"]["lag"], json!(0), "sidecar {i}: /readyz reports no lag once caught up: {v}");
+        let metrics = c.send("GET", "/metrics", None, None).unwrap();
+        let text = String::from_utf8_lossy(&metrics.body);
+        assert!(
+            text.lines().any(|l| l == "prefsd_replication_lag_events 0"),
+            "sidecar {i}: lag metric:\n{text}"
+        );
+        assert!(text.lines().any(|l| l == "prefsd_postgres_up 1"), "sidecar {i}: postgres_up metric");
     }
 }
 

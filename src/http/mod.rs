@@ -455,6 +455,12 @@ where
     let openmetrics = req.header(header::ACCEPT).is_some_and(|a| a.contains("application/openmetrics-text"));
     // Copy what the exposition needs, so the index lock is not held while encoding.
     let pairs = Scrape::pairs_of(&app.index());
+    if let Some(c) = app.cluster() {
+        use std::sync::atomic::Ordering;
+        let applied = *app.writer().applied().borrow();
+        let lag = c.head.load(Ordering::Acquire).saturating_sub(applied);
+        app.metrics().set_cluster(lag, c.reachable.load(Ordering::Acquire));
+    }
     let text = app.metrics().render(Scrape { pairs, ready: app.is_ready() }, openmetrics);
     let content_type =
         if openmetrics { crate::metrics::OPENMETRICS } else { crate::metrics::PROMETHEUS_TEXT };
