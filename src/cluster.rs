@@ -422,7 +422,7 @@ async fn commit(
                 match txn.query_opt(&s.service, &[&slug.as_str()]).await? {
                     None => Err(WriteError::UnknownService(slug.to_string())),
                     Some(row) => {
-                        let mut service: Service = match serde_json::from_str(row.get::<_, &str>(0)) {
+                        let stored: Service = match serde_json::from_str(row.get::<_, &str>(0)) {
                             Ok(service) => service,
                             Err(e) => {
                                 results.push(Err(WriteError::Store(format!(
@@ -431,16 +431,7 @@ async fn commit(
                                 continue;
                             }
                         };
-                        if let Some(n) = name {
-                            service.name = n.clone();
-                        }
-                        if let Some(d) = description {
-                            service.description = d.clone();
-                        }
-                        if let Some(a) = archived {
-                            service.archived = *a;
-                        }
-                        service.updated_at = now;
+                        let service = stored.updated(name.as_ref(), description.as_ref(), *archived, now);
                         seq += 1;
                         write_service(&txn, s, seq, service, false, actor).await?
                     }

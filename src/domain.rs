@@ -358,6 +358,25 @@ pub struct Service {
     pub updated_at: Micros,
 }
 
+impl Service {
+    /// The service after a rename, description change, archive or restore at `now`.
+    pub fn updated(
+        &self,
+        name: Option<&String>,
+        description: Option<&String>,
+        archived: Option<bool>,
+        now: Micros,
+    ) -> Service {
+        Service {
+            name: name.cloned().unwrap_or_else(|| self.name.clone()),
+            description: description.cloned().unwrap_or_else(|| self.description.clone()),
+            archived: archived.unwrap_or(self.archived),
+            updated_at: now,
+            ..self.clone()
+        }
+    }
+}
+
 /// One change of a preference, as appended to the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreferenceChange {

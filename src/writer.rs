@@ -468,17 +468,7 @@ impl State {
                     match self.services.get(slug) {
                         None => Err(WriteError::UnknownService(slug.to_string())),
                         Some(old) => {
-                            let mut service = old.clone();
-                            if let Some(n) = name {
-                                service.name = n.clone();
-                            }
-                            if let Some(d) = description {
-                                service.description = d.clone();
-                            }
-                            if let Some(a) = archived {
-                                service.archived = *a;
-                            }
-                            service.updated_at = now;
+                            let service = old.updated(name.as_ref(), description.as_ref(), *archived, now);
                             self.service_event(&mut txn, service, false, actor)?
                         }
                     }
