@@ -144,9 +144,15 @@ impl Driver {
 
     /// The visible text of the page, once it contains `expected`.
     fn wait_for_text(&self, expected: &str) -> String {
+        let session = self.session.as_deref().expect("a session");
         util::wait_for(&format!("the page to say {expected:?}"), Duration::from_secs(30), || {
-            let body = self.find_all("body");
-            let text = body.first().map(|b| self.text(b)).unwrap_or_default();
+            // While a form submission navigates, the body found may go stale
+            // before its text is read: that is "not yet", not a failure.
+            let find = json!({"using": "css selector", "value": "body"});
+            let found = self.raw("POST", &format!("/session/{session}/elements"), Some(&find)).ok()?;
+            let body = found["value"][0][ELEMENT].as_str()?.to_owned();
+            let text = self.raw("GET", &format!("/session/{session}/element/{body}/text"), None).ok()?;
+            let text = text["value"].as_str()?.to_owned();
             text.contains(expected).then_some(text)
         })
     }
