@@ -9,7 +9,8 @@
 //!
 //! - [`domain`]: ids, slugs, scopes, records, events — parsed once at the edge.
 //! - [`index`]: the pure opt-out index and the resolution rule.
-//! - [`store`]: redb tables, snapshots and start-up loading.
+//! - [`store`]: redb tables, snapshots and start-up loading; [`wal`], the
+//!   write-ahead log that makes a batch durable.
 //! - [`writer`]: the single writer thread and group commit.
 //! - [`app`]: the shared state handle.
 //! - [`http`]: routes, handlers and the error contract ([`error`]).
@@ -40,4 +41,5 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod token;
+pub mod wal;
 pub mod writer;

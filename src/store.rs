@@ -2,8 +2,11 @@
 //! per-customer lookup, index snapshots and the schema version.
 //!
 //! Values are postcard-encoded. Every change arrives as a batch of
-//! operations from the [`crate::writer`]; a batch is one write transaction,
-//! committed with `Durability::Immediate` before anyone is told it happened.
+//! operations from the [`crate::writer`]; a batch is one write transaction.
+//! A durable batch is made durable by the [`crate::wal`] (one append and one
+//! `fdatasync`) before redb commits it with `Durability::None`; checkpoints
+//! make redb durable and empty the log, and [`Store::open`] replays what a
+//! crash left in it.
 //!
 //! # Tables
 //!
@@ -18,12 +21,14 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ChannelName, CustomerId, Event, PreferenceChange, Record, Scope, Service, ServiceSlug};
 use crate::index::{IdSet, Index};
+use crate::wal::{Frames, Wal};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
@@ -50,6 +55,8 @@ pub enum StoreError {
     },
     /// The data directory could not be created.
     Io(PathBuf, std::io::Error),
+    /// The write-ahead log could not be written or read.
+    Wal(String),
 }
 
 impl fmt::Display for StoreError {
@@ -62,6 +69,7 @@ impl fmt::Display for StoreError {
                 "the data directory has schema version {found}, this prefsd reads version {SCHEMA_VERSION}"
             ),
             StoreError::Io(p, e) => write!(f, "cannot use data directory {}: {e}", p.display()),
+            StoreError::Wal(e) => write!(f, "write-ahead log: {e}"),
         }
     }
 }
@@ -112,6 +120,17 @@ struct SnapshotMeta {
 /// writers itself and readers never block.
 pub struct Store {
     db: Database,
+    /// Only the writer thread appends; the lock also keeps a checkpoint
+    /// from racing a commit.
+    wal: Mutex<WalState>,
+}
+
+struct WalState {
+    wal: Wal,
+    /// Set when the log could not be cut back after a failed commit: its
+    /// tail would replay a batch that was refused, so nothing more is
+    /// accepted until a restart replays and repairs it.
+    broken: Option<String>,
 }
 
 /// What the writer needs to validate a batch without reading it back.
@@ -127,9 +146,88 @@ pub struct Loaded {
 }
 
 /// A write transaction over one batch: the writer's view of the tables.
-pub struct Batch {
+pub struct Batch<'s> {
     txn: redb::WriteTransaction,
     next_seq: u64,
+    /// The batch's events, for the write-ahead log; `None` when the batch
+    /// need not survive a crash.
+    frames: Option<Frames>,
+    store: &'s Store,
+}
+
+/// The tables of one batch, open for its whole staging.
+pub struct Tables<'b> {
+    records: redb::Table<'b, (u64, &'static str), &'static [u8]>,
+    by_customer: redb::Table<'b, (u64, u64), ()>,
+    events: redb::Table<'b, u64, &'static [u8]>,
+    services: redb::Table<'b, &'static str, &'static [u8]>,
+    next_seq: &'b mut u64,
+    frames: &'b mut Option<Frames>,
+}
+
+impl Tables<'_> {
+    /// The sequence number the next appended event will get.
+    pub fn next_seq(&self) -> u64 {
+        *self.next_seq
+    }
+
+    /// The explicit record of one customer for one scope, as this batch sees it.
+    pub fn record(&self, customer: CustomerId, scope: &Scope) -> Result<Option<Record>, StoreError> {
+        let key = scope.key();
+        match self.records.get((customer.0, key.as_str()))? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends `event` with the next sequence number and writes the state it
+    /// implies: for a preference, the new record (keeping the first
+    /// `created_at`); for a service, the service. Returns the sequence number
+    /// and the record written.
+    pub fn append(&mut self, event: &Event) -> Result<(u64, Option<Record>), StoreError> {
+        let prior = match event {
+            Event::Preference(change) => self.record(change.customer, &change.scope)?,
+            Event::Service(_) => None,
+        };
+        self.append_after(event, prior.as_ref())
+    }
+
+    /// [`Tables::append`] for a caller that has just read the scope's
+    /// record (`prior`), which saves reading it again.
+    pub fn append_after(
+        &mut self,
+        event: &Event,
+        prior: Option<&Record>,
+    ) -> Result<(u64, Option<Record>), StoreError> {
+        let seq = *self.next_seq;
+        let mut written = None;
+        match event {
+            Event::Preference(change) => {
+                let record = Record {
+                    status: change.after,
+                    reason: change.reason.clone(),
+                    source: change.origin.source.clone(),
+                    created_at: prior.map_or(change.at, |r| r.created_at),
+                    updated_at: change.at,
+                    seq,
+                };
+                let key = change.scope.key();
+                self.records.insert((change.customer.0, key.as_str()), encode(&record).as_slice())?;
+                self.by_customer.insert((change.customer.0, seq), ())?;
+                written = Some(record);
+            }
+            Event::Service(change) => {
+                self.services.insert(change.service.slug.as_str(), encode(&change.service).as_slice())?;
+            }
+        }
+        let bytes = encode(event);
+        self.events.insert(seq, bytes.as_slice())?;
+        if let Some(frames) = self.frames.as_mut() {
+            frames.push(seq, &bytes);
+        }
+        *self.next_seq += 1;
+        Ok((seq, written))
+    }
 }
 
 impl Store {
@@ -155,7 +253,65 @@ impl Store {
             txn.open_table(SNAPSHOT)?;
         }
         txn.commit()?;
-        Ok(Store { db })
+        let wal = Wal::open(dir).map_err(|e| StoreError::Wal(format!("cannot open it: {e}")))?;
+        let store = Store { db, wal: Mutex::new(WalState { wal, broken: None }) };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// Replays the log's events that redb lost in a crash, commits them
+    /// durably and empties the log.
+    fn recover(&self) -> Result<(), StoreError> {
+        let mut state = self.wal();
+        if state.wal.is_empty() {
+            return Ok(());
+        }
+        let frames = state.wal.frames().map_err(|e| StoreError::Wal(format!("cannot read it: {e}")))?;
+        let mut batch = Batch { txn: self.db.begin_write()?, next_seq: 0, frames: None, store: self };
+        batch.next_seq = batch.meta("last_seq")?.unwrap_or(0) + 1;
+        let from = batch.next_seq;
+        let mut tables = batch.tables()?;
+        for (seq, bytes) in frames {
+            if seq < tables.next_seq() {
+                continue;
+            }
+            if seq > tables.next_seq() {
+                return Err(StoreError::Wal(format!(
+                    "it jumps from event {} to event {seq}; refusing to skip events",
+                    tables.next_seq() - 1
+                )));
+            }
+            tables.append(&decode::<Event>(&bytes)?)?;
+        }
+        drop(tables);
+        let replayed = batch.next_seq - from;
+        batch.finish()?;
+        state.wal.reset().map_err(|e| StoreError::Wal(format!("cannot empty it: {e}")))?;
+        if replayed > 0 {
+            tracing::info!(replayed, "replayed events from the write-ahead log");
+        }
+        Ok(())
+    }
+
+    fn wal(&self) -> MutexGuard<'_, WalState> {
+        // A panic while holding the lock cannot leave the log half-updated
+        // in a way its own checks do not catch.
+        self.wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes every committed batch durable in redb and empties the log.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut state = self.wal();
+        self.checkpoint_locked(&mut state)
+    }
+
+    fn checkpoint_locked(&self, state: &mut WalState) -> Result<(), StoreError> {
+        if state.wal.is_empty() || state.broken.is_some() {
+            return Ok(());
+        }
+        // An empty durable commit persists every non-durable one before it.
+        self.db.begin_write()?.commit()?;
+        state.wal.reset().map_err(|e| StoreError::Wal(format!("cannot empty it: {e}")))
     }
 
     /// The sequence number of the last committed event (0 when none).
@@ -389,28 +545,33 @@ impl Store {
                 table.insert(format!("p/{s}/{c}").as_str(), buf.as_slice())?;
             }
         }
+        // A durable commit: the log is redundant from here on.
+        let mut state = self.wal();
         txn.commit()?;
+        if state.broken.is_none() {
+            state.wal.reset().map_err(|e| StoreError::Wal(format!("cannot empty it: {e}")))?;
+        }
         Ok(())
     }
 
     /// Starts the write transaction for one batch.
-    pub fn begin(&self) -> Result<Batch, StoreError> {
+    pub fn begin(&self) -> Result<Batch<'_>, StoreError> {
         self.begin_with(true)
     }
 
-    /// Starts a write transaction; a non-durable one is made durable by the
-    /// next durable commit, and lost with everything after the last durable
-    /// one if the process dies first — right for events whose system of
-    /// record is elsewhere (cluster mode), which are fetched again.
-    pub fn begin_with(&self, durable: bool) -> Result<Batch, StoreError> {
+    /// Starts a write transaction. A durable one survives a crash once
+    /// [`Batch::commit`] returns; a non-durable one is made durable by the
+    /// next checkpoint, and lost with everything after the last one if the
+    /// process dies first — right for events whose system of record is
+    /// elsewhere (cluster mode), which are fetched again.
+    pub fn begin_with(&self, durable: bool) -> Result<Batch<'_>, StoreError> {
         let mut txn = self.db.begin_write()?;
-        let durability = if durable { redb::Durability::Immediate } else { redb::Durability::None };
-        txn.set_durability(durability).map_err(redb::Error::from)?;
+        txn.set_durability(redb::Durability::None).map_err(redb::Error::from)?;
         let last = {
             let meta = txn.open_table(META)?;
             meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0)
         };
-        Ok(Batch { txn, next_seq: last + 1 })
+        Ok(Batch { txn, next_seq: last + 1, frames: durable.then(Frames::default), store: self })
     }
 }
 
@@ -424,52 +585,19 @@ pub fn apply_event(index: &mut Index, event: &Event) {
     }
 }
 
-impl Batch {
-    /// The explicit record of one customer for one scope, as this batch sees it.
-    pub fn record(&self, customer: CustomerId, scope: &Scope) -> Result<Option<Record>, StoreError> {
-        let table = self.txn.open_table(RECORDS)?;
-        let key = scope.key();
-        match table.get((customer.0, key.as_str()))? {
-            Some(v) => Ok(Some(decode(v.value())?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Appends `event` with the next sequence number and writes the state it
-    /// implies: for a preference, the new record (keeping the first
-    /// `created_at`); for a service, the service. Returns the sequence number
-    /// and the record written.
-    pub fn append(&mut self, event: &Event) -> Result<(u64, Option<Record>), StoreError> {
-        let seq = self.next_seq;
-        let mut written = None;
-        match event {
-            Event::Preference(change) => {
-                let created_at =
-                    self.record(change.customer, &change.scope)?.map_or(change.at, |r| r.created_at);
-                let record = Record {
-                    status: change.after,
-                    reason: change.reason.clone(),
-                    source: change.origin.source.clone(),
-                    created_at,
-                    updated_at: change.at,
-                    seq,
-                };
-                let mut records = self.txn.open_table(RECORDS)?;
-                let key = change.scope.key();
-                records.insert((change.customer.0, key.as_str()), encode(&record).as_slice())?;
-                let mut by_customer = self.txn.open_table(CUSTOMER_EVENTS)?;
-                by_customer.insert((change.customer.0, seq), ())?;
-                written = Some(record);
-            }
-            Event::Service(change) => {
-                let mut services = self.txn.open_table(SERVICES)?;
-                services.insert(change.service.slug.as_str(), encode(&change.service).as_slice())?;
-            }
-        }
-        let mut events = self.txn.open_table(EVENTS)?;
-        events.insert(seq, encode(event).as_slice())?;
-        self.next_seq += 1;
-        Ok((seq, written))
+impl Batch<'_> {
+    /// Opens the tables a batch writes, once for the whole batch: opening a
+    /// redb table costs more than the insert itself.
+    pub fn tables(&mut self) -> Result<Tables<'_>, StoreError> {
+        let txn = &self.txn;
+        Ok(Tables {
+            records: txn.open_table(RECORDS)?,
+            by_customer: txn.open_table(CUSTOMER_EVENTS)?,
+            events: txn.open_table(EVENTS)?,
+            services: txn.open_table(SERVICES)?,
+            next_seq: &mut self.next_seq,
+            frames: &mut self.frames,
+        })
     }
 
     /// A value of the `meta` table.
@@ -490,12 +618,53 @@ impl Batch {
         self.next_seq
     }
 
-    /// Commits durably: when this returns `Ok`, the batch survives a crash.
-    pub fn commit(self) -> Result<(), StoreError> {
+    /// Commits. For a durable batch, when this returns `Ok` the batch
+    /// survives a crash: its events are in the write-ahead log.
+    pub fn commit(mut self) -> Result<(), StoreError> {
         {
             let mut meta = self.txn.open_table(META)?;
             meta.insert("last_seq", self.next_seq - 1)?;
         }
+        let Some(frames) = self.frames.take() else {
+            self.txn.commit()?;
+            return Ok(());
+        };
+        let store = self.store;
+        let mut state = store.wal();
+        if let Some(why) = &state.broken {
+            return Err(StoreError::Wal(why.clone()));
+        }
+        if frames.is_empty() {
+            // Nothing to log (every operation was refused): commit directly.
+            drop(state);
+            return self.finish();
+        }
+        let mark = state.wal.len();
+        state.wal.append(&frames).map_err(|e| StoreError::Wal(format!("cannot append to it: {e}")))?;
+        if let Err(e) = self.txn.commit() {
+            if let Err(cut) = state.wal.cut(mark) {
+                state.broken = Some(format!(
+                    "a refused batch could not be cut from it ({cut}); restart prefsd to repair it"
+                ));
+            }
+            return Err(e.into());
+        }
+        if state.wal.due()
+            && let Err(e) = store.checkpoint_locked(&mut state)
+        {
+            // The log still holds everything: retried at the next commit.
+            tracing::warn!(error = %e, "checkpoint failed; the write-ahead log keeps growing");
+        }
+        Ok(())
+    }
+
+    /// Commits with redb's own `Durability::Immediate`, bypassing the log.
+    fn finish(mut self) -> Result<(), StoreError> {
+        {
+            let mut meta = self.txn.open_table(META)?;
+            meta.insert("last_seq", self.next_seq - 1)?;
+        }
+        self.txn.set_durability(redb::Durability::Immediate).map_err(redb::Error::from)?;
         self.txn.commit()?;
         Ok(())
     }

@@ -2,7 +2,8 @@
 //!
 //! Requests queue on a bounded channel; the writer thread takes everything
 //! queued (up to `max_batch`), validates and applies it in one redb write
-//! transaction, commits durably (one fsync for the whole batch), then
+//! transaction, commits durably (one write-ahead-log append and one fsync
+//! for the whole batch, see [`crate::wal`]), then
 //! applies the committed events to the index in sequence order and only
 //! then answers each request. So an acknowledged write is on disk and
 //! visible to checks, and concurrent writers share one commit.
@@ -304,6 +305,9 @@ impl State {
                 self.snapshot();
             }
             if let Some(done) = close {
+                if let Err(e) = self.store.checkpoint() {
+                    tracing::warn!(error = %e, "final checkpoint failed; the next start replays the write-ahead log");
+                }
                 rx.close();
                 // Anything queued behind the close is refused.
                 while let Ok(cmd) = rx.try_recv() {
@@ -324,17 +328,19 @@ impl State {
         let durable = self.last_durable.elapsed() >= LOCAL_FSYNC_INTERVAL;
         let mut txn = self.store.begin_with(durable).map_err(|e| e.to_string())?;
         let mut applied = Vec::with_capacity(events.len());
+        let mut tables = txn.tables().map_err(|e| e.to_string())?;
         for (seq, event) in events {
-            let next = txn.next_seq();
+            let next = tables.next_seq();
             if seq < next {
                 continue;
             }
             if seq > next {
                 return Err(format!("event {seq} arrived before event {next}: refusing to skip"));
             }
-            txn.append(&event).map_err(|e| e.to_string())?;
+            tables.append(&event).map_err(|e| e.to_string())?;
             applied.push(event);
         }
+        drop(tables);
         let last = txn.next_seq() - 1;
         if applied.is_empty() {
             return Ok(last);
@@ -382,7 +388,8 @@ impl State {
     fn commit(&mut self, batch: &mut Vec<(Op, Reply)>) {
         let started = Instant::now();
         let saved_services = self.services.clone();
-        let outcome = self.stage(batch);
+        let store = Arc::clone(&self.store);
+        let outcome = self.stage(&store, batch);
         match outcome {
             Ok((txn, results)) => match txn.commit() {
                 Ok(()) => {
@@ -420,11 +427,13 @@ impl State {
     }
 
     #[allow(clippy::type_complexity)]
-    fn stage(
+    fn stage<'s>(
         &mut self,
+        store: &'s Store,
         batch: &[(Op, Reply)],
-    ) -> Result<(crate::store::Batch, Vec<Result<(Event, Applied), WriteError>>), StoreError> {
-        let mut txn = self.store.begin()?;
+    ) -> Result<(crate::store::Batch<'s>, Vec<Result<(Event, Applied), WriteError>>), StoreError> {
+        let mut txn = store.begin()?;
+        let mut tables = txn.tables()?;
         let mut results = Vec::with_capacity(batch.len());
         let channels = self.index.read().expect("index lock").channels().to_vec();
         for (op, _) in batch {
@@ -435,17 +444,17 @@ impl State {
                         results.push(Err(e));
                         continue;
                     }
-                    let before = txn.record(*customer, scope)?;
+                    let before = tables.record(*customer, scope)?;
                     let event = Event::Preference(PreferenceChange {
                         customer: *customer,
                         scope: scope.clone(),
-                        before: before.map(|r| r.status),
+                        before: before.as_ref().map(|r| r.status),
                         after: *status,
                         reason: reason.clone(),
                         origin: origin.clone(),
                         at: now,
                     });
-                    let (seq, record) = txn.append(&event)?;
+                    let (seq, record) = tables.append_after(&event, before.as_ref())?;
                     let record = record.expect("a preference event writes a record");
                     Ok((event, Applied::Preference { seq, scope: scope.clone(), record }))
                 }
@@ -461,7 +470,7 @@ impl State {
                             created_at: now,
                             updated_at: now,
                         };
-                        self.service_event(&mut txn, service, true, actor)?
+                        self.service_event(&mut tables, service, true, actor)?
                     }
                 }
                 Op::UpdateService { slug, name, description, archived, actor } => {
@@ -469,19 +478,20 @@ impl State {
                         None => Err(WriteError::UnknownService(slug.to_string())),
                         Some(old) => {
                             let service = old.updated(name.as_ref(), description.as_ref(), *archived, now);
-                            self.service_event(&mut txn, service, false, actor)?
+                            self.service_event(&mut tables, service, false, actor)?
                         }
                     }
                 }
             };
             results.push(result);
         }
+        drop(tables);
         Ok((txn, results))
     }
 
     fn service_event(
         &mut self,
-        txn: &mut crate::store::Batch,
+        txn: &mut crate::store::Tables<'_>,
         service: Service,
         created: bool,
         actor: &str,
