@@ -150,9 +150,22 @@ pub struct Batch<'s> {
     txn: redb::WriteTransaction,
     next_seq: u64,
     /// The batch's events, for the write-ahead log; `None` when the batch
-    /// need not survive a crash.
+    /// bypasses it.
     frames: Option<Frames>,
+    /// Whether redb itself commits durably (a batch that bypasses the log).
+    immediate: bool,
     store: &'s Store,
+}
+
+/// How a batch is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// Through the write-ahead log.
+    Logged,
+    /// By redb's own durable commit.
+    Immediate,
+    /// Not until a later durable commit.
+    Deferred,
 }
 
 /// The tables of one batch, open for its whole staging.
@@ -267,7 +280,8 @@ impl Store {
             return Ok(());
         }
         let frames = state.wal.frames().map_err(|e| StoreError::Wal(format!("cannot read it: {e}")))?;
-        let mut batch = Batch { txn: self.db.begin_write()?, next_seq: 0, frames: None, store: self };
+        let mut batch =
+            Batch { txn: self.db.begin_write()?, next_seq: 0, frames: None, immediate: true, store: self };
         batch.next_seq = batch.meta("last_seq")?.unwrap_or(0) + 1;
         let from = batch.next_seq;
         let mut tables = batch.tables()?;
@@ -554,24 +568,32 @@ impl Store {
         Ok(())
     }
 
-    /// Starts the write transaction for one batch.
+    /// Starts the write transaction for one batch of writes prefsd is the
+    /// system of record for: [`Batch::commit`] makes it durable through the
+    /// write-ahead log.
     pub fn begin(&self) -> Result<Batch<'_>, StoreError> {
-        self.begin_with(true)
+        self.start(Commit::Logged)
     }
 
-    /// Starts a write transaction. A durable one survives a crash once
-    /// [`Batch::commit`] returns; a non-durable one is made durable by the
-    /// next checkpoint, and lost with everything after the last one if the
-    /// process dies first — right for events whose system of record is
-    /// elsewhere (cluster mode), which are fetched again.
+    /// Starts a write transaction for events whose system of record is
+    /// elsewhere (cluster mode), bypassing the write-ahead log. A durable
+    /// one is committed by redb itself, and makes every earlier batch
+    /// durable too; a non-durable one is lost, with everything after the
+    /// last durable one, if the process dies first — the events are fetched
+    /// again.
     pub fn begin_with(&self, durable: bool) -> Result<Batch<'_>, StoreError> {
+        self.start(if durable { Commit::Immediate } else { Commit::Deferred })
+    }
+
+    fn start(&self, commit: Commit) -> Result<Batch<'_>, StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None).map_err(redb::Error::from)?;
         let last = {
             let meta = txn.open_table(META)?;
             meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0)
         };
-        Ok(Batch { txn, next_seq: last + 1, frames: durable.then(Frames::default), store: self })
+        let frames = (commit == Commit::Logged).then(Frames::default);
+        Ok(Batch { txn, next_seq: last + 1, frames, immediate: commit == Commit::Immediate, store: self })
     }
 }
 
@@ -626,6 +648,9 @@ impl Batch<'_> {
             meta.insert("last_seq", self.next_seq - 1)?;
         }
         let Some(frames) = self.frames.take() else {
+            if self.immediate {
+                return self.finish();
+            }
             self.txn.commit()?;
             return Ok(());
         };
