@@ -17,12 +17,14 @@
 //!   with several hosts and `target_session_attrs=read-write` follows a
 //!   promoted standby).
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::domain::{
@@ -188,10 +190,10 @@ async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
 struct Statements {
     lock_head: Statement,
     set_head: Statement,
-    service: Statement,
-    preference: Statement,
-    insert_event: Statement,
-    upsert_preference: Statement,
+    services: Statement,
+    preferences: Statement,
+    insert_events: Statement,
+    upsert_preferences: Statement,
     upsert_service: Statement,
     notify: Statement,
 }
@@ -201,19 +203,26 @@ impl Statements {
         Ok(Statements {
             lock_head: c.prepare("SELECT last_seq FROM prefsd_head WHERE id = 1 FOR UPDATE").await?,
             set_head: c.prepare("UPDATE prefsd_head SET last_seq = $1 WHERE id = 1").await?,
-            service: c.prepare("SELECT body::text FROM notification_services WHERE slug = $1").await?,
-            preference: c
+            services: c.prepare("SELECT slug, body::text FROM notification_services WHERE slug = ANY($1)").await?,
+            preferences: c
                 .prepare(
-                    "SELECT status, (extract(epoch FROM created_at) * 1000000)::bigint FROM notification_preferences \
-                     WHERE customer_id = $1::text::numeric AND service = $2 AND notification_type = $3",
+                    // By the key's leading column alone: a join against
+                    // unnest arrays is planned as a sequential scan.
+                    "SELECT customer_id::text, service, notification_type, status, \
+                     (extract(epoch FROM created_at) * 1000000)::bigint \
+                     FROM notification_preferences WHERE customer_id = ANY($1::text[]::numeric[])",
                 )
                 .await?,
-            insert_event: c.prepare("INSERT INTO prefsd_events (seq, body) VALUES ($1, $2::text::jsonb)").await?,
-            upsert_preference: c
+            insert_events: c
+                .prepare("INSERT INTO prefsd_events (seq, body) SELECT q, b::jsonb FROM unnest($1::bigint[], $2::text[]) AS u(q, b)")
+                .await?,
+            upsert_preferences: c
                 .prepare(
                     "INSERT INTO notification_preferences \
                      (customer_id, service, notification_type, status, reason, source, actor, created_at, updated_at, seq) \
-                     VALUES ($1::text::numeric, $2, $3, $4, $5, $6, $7, to_timestamp($8::float8 / 1e6), to_timestamp($8::float8 / 1e6), $9) \
+                     SELECT c::numeric, s, t, st, r, src, a, to_timestamp(ca / 1e6), to_timestamp(ua / 1e6), q \
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                     $8::float8[], $9::float8[], $10::bigint[]) AS u(c, s, t, st, r, src, a, ca, ua, q) \
                      ON CONFLICT (customer_id, service, notification_type) DO UPDATE SET \
                      status = excluded.status, reason = excluded.reason, source = excluded.source, \
                      actor = excluded.actor, updated_at = excluded.updated_at, seq = excluded.seq",
@@ -334,6 +343,10 @@ fn micros_param(m: Micros) -> f64 {
 /// PostgreSQL has lost events this sidecar holds, so the sequence numbers it
 /// would hand out are taken here already — the batch is refused (rolled
 /// back) rather than acknowledged without being applied.
+///
+/// The round trips do not grow with the batch: the services and current
+/// preference rows the batch names are read with one query each, and its
+/// events and preference rows are written with one `unnest` statement each.
 async fn commit(
     conn: &mut Conn,
     ops: &[&Op],
@@ -348,50 +361,47 @@ async fn commit(
         return Ok(ops.iter().map(|_| Err(e.clone())).collect());
     }
     let start = seq;
+    // Futures polled together are pipelined on the connection: one round trip.
+    let (mut services, mut current) =
+        tokio::try_join!(read_services(&txn, s, ops), read_preferences(&txn, s, ops))?;
+    let mut events = Events::default();
+    let mut rows: HashMap<PrefKey, PrefRow> = HashMap::new();
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         let now = Micros::now();
         let result = match op {
             Op::SetPreference { customer, scope, status, reason, origin } => {
-                if let Err(e) = check_scope(&txn, s, scope, channels).await? {
+                if let Err(e) = check_scope(&services, scope, channels) {
                     results.push(Err(e));
                     continue;
                 }
-                let key_service = scope.service.to_string();
-                let key_channel = scope.channel.to_string();
-                let row = txn
-                    .query_opt(&s.preference, &[&customer.0.to_string(), &key_service, &key_channel])
-                    .await?;
-                let before =
-                    row.as_ref().map(|r| Status::parse(r.get::<_, &str>(0)).unwrap_or(Status::OptedIn));
-                let created_at = row.as_ref().map_or(now, |r| Micros(r.get::<_, i64>(1)));
+                let key = (customer.0.to_string(), scope.service.to_string(), scope.channel.to_string());
+                let prior = current.get(&key).copied();
+                let created_at = prior.map_or(now, |(_, created)| created);
                 seq += 1;
                 let change = PreferenceChange {
                     customer: *customer,
                     scope: scope.clone(),
-                    before,
+                    before: prior.map(|(status, _)| status),
                     after: *status,
                     reason: reason.clone(),
                     origin: origin.clone(),
                     at: now,
                 };
-                let body = serde_json::to_string(&Event::Preference(change)).expect("events serialize");
-                txn.execute(&s.insert_event, &[&seq, &body]).await?;
-                txn.execute(
-                    &s.upsert_preference,
-                    &[
-                        &customer.0.to_string(),
-                        &key_service,
-                        &key_channel,
-                        &status.as_str(),
-                        reason,
-                        &origin.source,
-                        &origin.actor,
-                        &micros_param(now),
-                        &seq,
-                    ],
-                )
-                .await?;
+                events.push(seq, &Event::Preference(change));
+                current.insert(key.clone(), (*status, created_at));
+                // The last write of a key in the batch is the row's state.
+                rows.insert(
+                    key,
+                    PrefRow {
+                        status: *status,
+                        reason: reason.clone(),
+                        origin: origin.clone(),
+                        created_at,
+                        updated_at: now,
+                        seq,
+                    },
+                );
                 let record = Record {
                     status: *status,
                     reason: reason.clone(),
@@ -403,7 +413,7 @@ async fn commit(
                 Ok(Applied::Preference { seq: seq as u64, scope: scope.clone(), record })
             }
             Op::CreateService { slug, name, description, actor } => {
-                if txn.query_opt(&s.service, &[&slug.as_str()]).await?.is_some() {
+                if services.get(slug.as_str()).is_some_and(Option::is_some) {
                     Err(WriteError::ServiceExists(slug.to_string()))
                 } else {
                     let service = Service {
@@ -415,25 +425,17 @@ async fn commit(
                         updated_at: now,
                     };
                     seq += 1;
-                    write_service(&txn, s, seq, service, true, actor).await?
+                    write_service(&txn, s, &mut events, seq, &mut services, service, true, actor).await?
                 }
             }
             Op::UpdateService { slug, name, description, archived, actor } => {
-                match txn.query_opt(&s.service, &[&slug.as_str()]).await? {
+                match services.get(slug.as_str()).cloned().flatten() {
                     None => Err(WriteError::UnknownService(slug.to_string())),
-                    Some(row) => {
-                        let stored: Service = match serde_json::from_str(row.get::<_, &str>(0)) {
-                            Ok(service) => service,
-                            Err(e) => {
-                                results.push(Err(WriteError::Store(format!(
-                                    "stored service {slug} is unreadable: {e}"
-                                ))));
-                                continue;
-                            }
-                        };
+                    Some(Err(e)) => Err(e),
+                    Some(Ok(stored)) => {
                         let service = stored.updated(name.as_ref(), description.as_ref(), *archived, now);
                         seq += 1;
-                        write_service(&txn, s, seq, service, false, actor).await?
+                        write_service(&txn, s, &mut events, seq, &mut services, service, false, actor).await?
                     }
                 }
             }
@@ -441,25 +443,164 @@ async fn commit(
         results.push(result);
     }
     if seq != start {
-        txn.execute(&s.set_head, &[&seq]).await?;
-        txn.execute(&s.notify, &[&seq.to_string()]).await?;
+        let head = seq.to_string();
+        let event_params: [&(dyn ToSql + Sync); 2] = [&events.seqs, &events.bodies];
+        let head_params: [&(dyn ToSql + Sync); 1] = [&seq];
+        let notify_params: [&(dyn ToSql + Sync); 1] = [&head];
+        tokio::try_join!(
+            txn.execute(&s.insert_events, &event_params),
+            write_preferences(&txn, s, rows),
+            txn.execute(&s.set_head, &head_params),
+            txn.execute(&s.notify, &notify_params),
+        )?;
     }
     txn.commit().await?;
     Ok(results)
 }
 
+/// `(customer_id, service, notification_type)` as the current-state table keys them.
+type PrefKey = (String, String, String);
+
+/// A service as stored, or why it could not be read; `None` when absent.
+type Known = HashMap<String, Option<Result<Service, WriteError>>>;
+
+/// The batch's events, as `unnest` arrays.
+#[derive(Default)]
+struct Events {
+    seqs: Vec<i64>,
+    bodies: Vec<String>,
+}
+
+impl Events {
+    fn push(&mut self, seq: i64, event: &Event) {
+        self.seqs.push(seq);
+        self.bodies.push(serde_json::to_string(event).expect("events serialize"));
+    }
+}
+
+/// A preference row to upsert.
+struct PrefRow {
+    status: Status,
+    reason: Option<String>,
+    origin: crate::domain::Origin,
+    created_at: Micros,
+    updated_at: Micros,
+    seq: i64,
+}
+
+/// Every service the batch names, in one query.
+async fn read_services(
+    txn: &tokio_postgres::Transaction<'_>,
+    s: &Statements,
+    ops: &[&Op],
+) -> Result<Known, tokio_postgres::Error> {
+    let mut slugs: Vec<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::SetPreference { scope, .. } => match &scope.service {
+                Target::One(slug) => Some(slug.as_str()),
+                Target::All => None,
+            },
+            Op::CreateService { slug, .. } | Op::UpdateService { slug, .. } => Some(slug.as_str()),
+        })
+        .collect();
+    slugs.sort_unstable();
+    slugs.dedup();
+    let mut known: Known = slugs.iter().map(|slug| ((*slug).to_owned(), None)).collect();
+    for row in txn.query(&s.services, &[&slugs]).await? {
+        let slug: String = row.get(0);
+        let service = serde_json::from_str::<Service>(row.get::<_, &str>(1))
+            .map_err(|e| WriteError::Store(format!("stored service {slug} is unreadable: {e}")));
+        known.insert(slug, Some(service));
+    }
+    Ok(known)
+}
+
+/// The current status and creation time of every preference row the batch
+/// writes, in one query.
+async fn read_preferences(
+    txn: &tokio_postgres::Transaction<'_>,
+    s: &Statements,
+    ops: &[&Op],
+) -> Result<HashMap<PrefKey, (Status, Micros)>, tokio_postgres::Error> {
+    let mut keys = std::collections::HashSet::new();
+    for op in ops {
+        if let Op::SetPreference { customer, scope, .. } = op {
+            keys.insert((customer.0.to_string(), scope.service.to_string(), scope.channel.to_string()));
+        }
+    }
+    let mut out = HashMap::new();
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let mut customers: Vec<&str> = keys.iter().map(|(c, _, _)| c.as_str()).collect();
+    customers.sort_unstable();
+    customers.dedup();
+    for row in txn.query(&s.preferences, &[&customers]).await? {
+        let key: PrefKey = (row.get(0), row.get(1), row.get(2));
+        if keys.contains(&key) {
+            let status = Status::parse(row.get::<_, &str>(3)).unwrap_or(Status::OptedIn);
+            out.insert(key, (status, Micros(row.get::<_, i64>(4))));
+        }
+    }
+    Ok(out)
+}
+
+/// Upserts the batch's preference rows with one statement.
+async fn write_preferences(
+    txn: &tokio_postgres::Transaction<'_>,
+    s: &Statements,
+    rows: HashMap<PrefKey, PrefRow>,
+) -> Result<(), tokio_postgres::Error> {
+    let n = rows.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let (mut customers, mut services, mut channels) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut statuses, mut reasons, mut sources, mut actors) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut created, mut seqs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut updated = Vec::with_capacity(n);
+    for ((customer, service, channel), row) in rows {
+        customers.push(customer);
+        services.push(service);
+        channels.push(channel);
+        statuses.push(row.status.as_str());
+        reasons.push(row.reason);
+        sources.push(row.origin.source);
+        actors.push(row.origin.actor);
+        created.push(micros_param(row.created_at));
+        updated.push(micros_param(row.updated_at));
+        seqs.push(row.seq);
+    }
+    txn.execute(
+        &s.upsert_preferences,
+        &[
+            &customers, &services, &channels, &statuses, &reasons, &sources, &actors, &created, &updated,
+            &seqs,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn write_service(
     txn: &tokio_postgres::Transaction<'_>,
     s: &Statements,
+    events: &mut Events,
     seq: i64,
+    known: &mut Known,
     service: Service,
     created: bool,
     actor: &str,
 ) -> Result<Result<Applied, WriteError>, tokio_postgres::Error> {
     let body = serde_json::to_string(&service).expect("services serialize");
-    let event = Event::Service(ServiceChange { service: service.clone(), created, actor: actor.to_owned() });
-    let event_body = serde_json::to_string(&event).expect("events serialize");
-    txn.execute(&s.insert_event, &[&seq, &event_body]).await?;
+    events.push(
+        seq,
+        &Event::Service(ServiceChange { service: service.clone(), created, actor: actor.to_owned() }),
+    );
     txn.execute(
         &s.upsert_service,
         &[
@@ -473,33 +614,27 @@ async fn write_service(
         ],
     )
     .await?;
+    known.insert(service.slug.to_string(), Some(Ok(service.clone())));
     Ok(Ok(Applied::Service { seq: seq as u64, service }))
 }
 
-async fn check_scope(
-    txn: &tokio_postgres::Transaction<'_>,
-    s: &Statements,
-    scope: &Scope,
-    channels: &[ChannelName],
-) -> Result<Result<(), WriteError>, tokio_postgres::Error> {
+fn check_scope(known: &Known, scope: &Scope, channels: &[ChannelName]) -> Result<(), WriteError> {
     if let Target::One(c) = &scope.channel
         && !channels.contains(c)
     {
-        return Ok(Err(WriteError::UnknownChannel(c.to_string())));
+        return Err(WriteError::UnknownChannel(c.to_string()));
     }
     if let Target::One(slug) = &scope.service {
-        let Some(row) = txn.query_opt(&s.service, &[&slug.as_str()]).await? else {
-            return Ok(Err(WriteError::UnknownService(slug.to_string())));
-        };
-        let service: Service = match serde_json::from_str(row.get::<_, &str>(0)) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(WriteError::Store(format!("stored service {slug} is unreadable: {e}")))),
-        };
-        if service.archived {
-            return Ok(Err(WriteError::Archived(slug.to_string())));
+        match known.get(slug.as_str()) {
+            None | Some(None) => return Err(WriteError::UnknownService(slug.to_string())),
+            Some(Some(Err(e))) => return Err(e.clone()),
+            Some(Some(Ok(service))) if service.archived => {
+                return Err(WriteError::Archived(slug.to_string()));
+            }
+            Some(Some(Ok(_))) => {}
         }
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// Checks that the local data dir belongs to this PostgreSQL database
