@@ -1,14 +1,94 @@
-//! Shared by the benches: fixed-seed test data and the clock they are timed by.
+//! Shared by the benches: fixed-seed test data, the services and channels of
+//! a pre-filled store, and the clock they are timed by.
+
+// Each bench uses a different subset of what is here.
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use prefsd::domain::{ChannelName, CustomerId, Origin, Scope, ServiceSlug, Status};
+use prefsd::writer::Op;
 use roaring::RoaringBitmap;
 
 /// Ids range over 0..UNIVERSE.
 pub const UNIVERSE: u64 = 20_000_000;
 
+/// The services of a pre-filled store, in pair order.
+pub const SERVICES: [&str; 10] = [
+    "rating",
+    "waitlist",
+    "appointment",
+    "reminder",
+    "billing",
+    "marketing",
+    "survey",
+    "security",
+    "shipping",
+    "newsletter",
+];
+/// The default channels.
+pub const CHANNELS: [&str; 2] = ["email", "sms"];
+
+/// Whether this is `cargo bench` measuring (not `--test`, `--list`, or `cargo test`).
+pub fn benchmarking() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test" || a == "--list")
+}
+
+/// [`CHANNELS`], parsed: what `Store::load` is given.
+pub fn channels() -> Vec<ChannelName> {
+    CHANNELS.iter().map(|c| ChannelName::parse(c).unwrap()).collect()
+}
+
+/// Every (service, channel) scope of [`SERVICES`] × [`CHANNELS`], in index
+/// pair order: a pair's position is its number in [`pair_rows`].
+pub fn scopes() -> Vec<Scope> {
+    SERVICES.iter().flat_map(|s| CHANNELS.iter().map(move |c| Scope::parse(s, c).unwrap())).collect()
+}
+
+/// `per_pair` distinct random customers in 0..UNIVERSE for each of `pairs`
+/// pairs, drawn pair after pair with [`distinct_ids`], as sorted
+/// `customer << 8 | pair` rows: customer order, then pair order (an import
+/// in that order appends to the store's tables).
+pub fn pair_rows(rng: &mut SplitMix64, pairs: u64, per_pair: u64) -> Vec<u64> {
+    let mut rows = Vec::with_capacity((per_pair * pairs) as usize);
+    for pair in 0..pairs {
+        rows.extend(distinct_ids(rng, per_pair).into_iter().map(|id| (u64::from(id) << 8) | pair));
+    }
+    rows.sort_unstable();
+    rows
+}
+
+/// Where the benches' writes say they come from: `source`, actor `bench`.
+pub fn origin(source: &str) -> Origin {
+    Origin { source: source.into(), actor: "bench".into(), client_addr: None, user_agent: None }
+}
+
+/// `Op::CreateService` for each of [`SERVICES`], named by its slug, actor `bench`.
+pub fn create_services() -> impl Iterator<Item = Op> {
+    SERVICES.into_iter().map(|slug| Op::CreateService {
+        slug: ServiceSlug::parse(slug).unwrap(),
+        name: slug.into(),
+        description: String::new(),
+        actor: "bench".into(),
+    })
+}
+
+/// The opt-out a [`pair_rows`] row stands for: `Op::SetPreference` of
+/// customer `row >> 8` in `scopes[row & 0xff]`.
+pub fn opt_out(row: u64, scopes: &[Scope], origin: &Origin) -> Op {
+    Op::SetPreference {
+        customer: CustomerId(row >> 8),
+        scope: scopes[(row & 0xff) as usize].clone(),
+        status: Status::OptedOut,
+        reason: None,
+        origin: origin.clone(),
+    }
+}
+
 /// splitmix64: a fixed-seed generator, enough for benchmark data.
+#[derive(Clone)]
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
@@ -24,6 +104,12 @@ impl SplitMix64 {
     /// Uniform enough in 0..n for n far below 2^64.
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
+    }
+
+    /// Uniform in 0..n: the next 64 bits scaled by n, `(bits × n) >> 64`.
+    /// Not the numbers [`below`](Self::below) draws; what `compare` uses.
+    pub fn scaled(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
     }
 }
 
