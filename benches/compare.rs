@@ -25,13 +25,27 @@
 //! every run serves a private copy; `--quick` stays under a minute once the
 //! cache exists. Start-up and memory are measured in a child process (this
 //! binary re-executed with `PREFSD_COMPARE_OPEN=DIR`). `PREFSD_BENCH_ONLY=
-//! single,batch,filter,writes,startup` runs a subset, for profiling.
+//! single,batch,filter,writes,startup,cluster` runs a subset, for profiling;
+//! `PREFSD_BENCH_ONLY=cluster` alone loads no bench data set and no peer.
+//!
+//! Cluster mode (`cluster`): a fresh database `prefsd_bench_cluster_<pid>` on
+//! the PostgreSQL of `PREFSD_BENCH_PG` (leftovers of dead runs dropped first,
+//! this one dropped afterwards), two sidecars started in-process like the
+//! bench sidecar, each with an empty data dir and `postgres` set to that
+//! database. Measured: the durable-write workload (64 writers) against
+//! sidecar A, then split 32 + 32 over A and B, against the same PostgreSQL
+//! upsert peer as `writes` (reused when `writes` measured it in this run);
+//! and the time from an opt-out being acknowledged by A until `GET
+//! /v1/check` on B answers `allowed=false` (B polled without pause, 5 s
+//! deadline per write, a timeout is an error), then the same from B to A.
 //!
 //! Every comparison prints one line `compare <name>: prefsd=<v> <unit>
 //! <peer>=<v> <unit> ratio=<x>`, ratio > 1 meaning prefsd is better (for
 //! throughput prefsd/peer, for latencies peer/prefsd), then a summary table,
 //! memory, start-up, and the DESIGN targets met or missed. See
 //! `benches/README.md`.
+
+mod common;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -42,6 +56,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{CHANNELS, SplitMix64, UNIVERSE};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper::{Method, Request, StatusCode, header};
@@ -52,8 +67,6 @@ use roaring::RoaringBitmap;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-/// Ids range over 0..UNIVERSE.
-const UNIVERSE: u64 = 20_000_000;
 /// Opted-out ids of the measured pair (5% density).
 const MAIN_OUT: usize = 1_000_000;
 /// The measured pair.
@@ -64,8 +77,6 @@ const MAIN_CHANNEL: &str = "email";
 const SPREAD_SERVICES: usize = 10;
 /// Opt-outs in each of those pairs.
 const SPREAD_PER_PAIR: usize = 100_000;
-/// The configured channels (prefsd's default).
-const CHANNELS: [&str; 2] = ["email", "sms"];
 /// Connections (and client tasks) of the throughput workloads.
 const CONNS: usize = 32;
 /// Concurrent writers of the durable-write workload.
@@ -86,6 +97,18 @@ const REDIS_TMP: &str = "prefsd:optout:_bench_tmp_recipients";
 const STARTUP_TOTAL: usize = 10_000_000;
 /// Set in the environment of the child that times `App::open`.
 const CHILD_ENV: &str = "PREFSD_COMPARE_OPEN";
+/// The cluster workload's database is this plus the harness's process id.
+const CLUSTER_DB_PREFIX: &str = "prefsd_bench_cluster_";
+/// Opt-outs timed from one sidecar to the other, per direction (full run).
+const PROPAGATION_N: usize = 300;
+/// The same in `--quick`.
+const PROPAGATION_N_QUICK: usize = 100;
+/// How long one opt-out may take to become visible on the other sidecar.
+const PROPAGATION_DEADLINE: Duration = Duration::from_secs(5);
+/// How long sidecars may take to become ready, or to apply a backlog.
+const CLUSTER_WAIT: Duration = Duration::from_secs(60);
+/// Workloads that need the bench data set (and the loaded peers).
+const DATA_WORKLOADS: [&str; 5] = ["single", "batch", "filter", "writes", "startup"];
 
 // ---------------------------------------------------------------------------
 // Options, data
@@ -96,7 +119,7 @@ struct Opts {
     warmup: Duration,
     runs: usize,
     filter_runs: usize,
-    /// `PREFSD_BENCH_ONLY=single,batch,filter,writes,startup`: a subset, for profiling.
+    /// `PREFSD_BENCH_ONLY=single,batch,filter,writes,startup,cluster`: a subset, for profiling.
     only: Option<Vec<String>>,
 }
 
@@ -133,32 +156,13 @@ impl Opts {
     }
 }
 
-/// splitmix64: a fixed-seed generator, enough for benchmark data.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n.
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
-    }
-}
-
 /// `n` distinct ids in 0..UNIVERSE, sorted, and their bitset.
 fn distinct(seed: u64, n: usize) -> (Vec<u64>, Vec<u64>) {
     let mut bits = vec![0u64; (UNIVERSE as usize).div_ceil(64)];
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut count = 0;
     while count < n {
-        let id = rng.below(UNIVERSE);
+        let id = rng.scaled(UNIVERSE);
         let (w, b) = ((id / 64) as usize, id % 64);
         if bits[w] & (1 << b) == 0 {
             bits[w] |= 1 << b;
@@ -204,9 +208,9 @@ impl Data {
         let mut pairs = vec![Pair { service: MAIN_SERVICE.into(), channel: MAIN_CHANNEL, ids: main }];
         pairs.extend(spread_pairs(SPREAD_SERVICES, SPREAD_PER_PAIR, 1_000));
         let (mut recipients, _) = distinct(2, FILTER_N);
-        let mut rng = Rng(3);
+        let mut rng = SplitMix64(3);
         for i in (1..recipients.len()).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
+            let j = rng.scaled(i as u64 + 1) as usize;
             recipients.swap(i, j);
         }
         let expected_allowed = recipients.iter().filter(|&&id| !has(&main_bits, id)).count();
@@ -317,7 +321,11 @@ impl Sidecar {
     /// Opens `data` and serves it on 127.0.0.1:0 from its own two-worker
     /// runtime, as the tests do. Returns the time `App::open` took.
     fn start(data: &Path) -> Result<(Sidecar, Duration), String> {
-        let config = Config::for_data_dir(data.to_owned());
+        Sidecar::start_with(Config::for_data_dir(data.to_owned()))
+    }
+
+    /// [`Sidecar::start`] with a configuration of its own (cluster mode).
+    fn start_with(config: Config) -> Result<(Sidecar, Duration), String> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -406,6 +414,22 @@ impl Http {
         content_type: Option<&'static str>,
         body: Bytes,
     ) -> Result<Bytes, String> {
+        let (status, body) = self.request(method, uri, content_type, body).await?;
+        if status != StatusCode::OK && status != StatusCode::CREATED {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            return Err(format!("{uri}: HTTP {status}: {text}"));
+        }
+        Ok(body)
+    }
+
+    /// Sends one request and reads the whole answer, whatever its status.
+    async fn request(
+        &mut self,
+        method: Method,
+        uri: &str,
+        content_type: Option<&'static str>,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), String> {
         self.tx.ready().await.map_err(|e| format!("prefsd connection: {e}"))?;
         let mut req = Request::builder().method(method).uri(uri).header(header::HOST, &self.host);
         if let Some(ct) = content_type {
@@ -415,11 +439,7 @@ impl Http {
         let resp = self.tx.send_request(req).await.map_err(|e| format!("prefsd request: {e}"))?;
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(|e| format!("prefsd body: {e}"))?.to_bytes();
-        if status != StatusCode::OK && status != StatusCode::CREATED {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            return Err(format!("{uri}: HTTP {status}: {text}"));
-        }
-        Ok(body)
+        Ok((status, body))
     }
 }
 
@@ -858,7 +878,7 @@ async fn pg_cleanup(client: &tokio_postgres::Client) -> Result<(), String> {
 /// One request of a workload.
 trait Op: Send + 'static {
     /// Sends one request; answers (ids answered, ids opted out among them).
-    fn once(&mut self, rng: &mut Rng) -> impl Future<Output = Result<(u64, u64), String>> + Send;
+    fn once(&mut self, rng: &mut SplitMix64) -> impl Future<Output = Result<(u64, u64), String>> + Send;
 }
 
 /// Runs every worker for `dur`; returns them with units per second and the
@@ -871,7 +891,7 @@ async fn closed_loop<W: Op>(workers: Vec<W>, dur: Duration, seed: u64) -> Result
         .enumerate()
         .map(|(i, mut w)| {
             tokio::spawn(async move {
-                let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (i as u64 + 1));
+                let mut rng = SplitMix64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (i as u64 + 1));
                 let (mut units, mut hits) = (0u64, 0u64);
                 while Instant::now() < deadline {
                     let (u, h) = w.once(&mut rng).await?;
@@ -938,8 +958,8 @@ struct CheckAnswer {
 }
 
 impl Op for HttpSingle {
-    async fn once(&mut self, rng: &mut Rng) -> Result<(u64, u64), String> {
-        let id = rng.below(UNIVERSE);
+    async fn once(&mut self, rng: &mut SplitMix64) -> Result<(u64, u64), String> {
+        let id = rng.scaled(UNIVERSE);
         let uri = format!("/v1/check?customer={id}&service={MAIN_SERVICE}&channel={MAIN_CHANNEL}");
         let body = self.0.send(Method::GET, &uri, None, Bytes::new()).await?;
         let answer: CheckAnswer = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
@@ -953,8 +973,8 @@ struct RedisSingle {
 }
 
 impl Op for RedisSingle {
-    async fn once(&mut self, rng: &mut Rng) -> Result<(u64, u64), String> {
-        let id = rng.below(UNIVERSE);
+    async fn once(&mut self, rng: &mut SplitMix64) -> Result<(u64, u64), String> {
+        let id = rng.scaled(UNIVERSE);
         let member: bool = redis::cmd("SISMEMBER")
             .arg(&*self.key)
             .arg(id)
@@ -971,8 +991,8 @@ struct PgSingle {
 }
 
 impl Op for PgSingle {
-    async fn once(&mut self, rng: &mut Rng) -> Result<(u64, u64), String> {
-        let id = rng.below(UNIVERSE) as i64;
+    async fn once(&mut self, rng: &mut SplitMix64) -> Result<(u64, u64), String> {
+        let id = rng.scaled(UNIVERSE) as i64;
         let row =
             self.client.query_opt(&self.stmt, &[&MAIN_SERVICE, &MAIN_CHANNEL, &id]).await.map_err(pg_err)?;
         Ok((1, u64::from(row.is_some())))
@@ -992,7 +1012,7 @@ struct BatchAnswer {
 }
 
 impl Op for HttpBatch {
-    async fn once(&mut self, rng: &mut Rng) -> Result<(u64, u64), String> {
+    async fn once(&mut self, rng: &mut SplitMix64) -> Result<(u64, u64), String> {
         self.body.clear();
         self.body.push_str(r#"{"checks":["#);
         for i in 0..BATCH {
@@ -1002,7 +1022,7 @@ impl Op for HttpBatch {
             let _ = write!(
                 self.body,
                 r#"{{"customer":{},"service":"{MAIN_SERVICE}","channel":"{MAIN_CHANNEL}"}}"#,
-                rng.below(UNIVERSE)
+                rng.scaled(UNIVERSE)
             );
         }
         self.body.push_str("]}");
@@ -1023,9 +1043,9 @@ struct RedisBatch {
 }
 
 impl Op for RedisBatch {
-    async fn once(&mut self, rng: &mut Rng) -> Result<(u64, u64), String> {
+    async fn once(&mut self, rng: &mut SplitMix64) -> Result<(u64, u64), String> {
         self.ids.clear();
-        self.ids.extend((0..BATCH).map(|_| rng.below(UNIVERSE)));
+        self.ids.extend((0..BATCH).map(|_| rng.scaled(UNIVERSE)));
         let members: Vec<bool> = redis::cmd("SMISMEMBER")
             .arg(&*self.key)
             .arg(&self.ids)
@@ -1046,9 +1066,9 @@ struct PgBatch {
 }
 
 impl Op for PgBatch {
-    async fn once(&mut self, rng: &mut Rng) -> Result<(u64, u64), String> {
+    async fn once(&mut self, rng: &mut SplitMix64) -> Result<(u64, u64), String> {
         self.ids.clear();
-        self.ids.extend((0..BATCH).map(|_| rng.below(UNIVERSE) as i64));
+        self.ids.extend((0..BATCH).map(|_| rng.scaled(UNIVERSE) as i64));
         let rows = self
             .client
             .query(&self.stmt, &[&MAIN_SERVICE, &MAIN_CHANNEL, &self.ids])
@@ -1063,8 +1083,8 @@ impl Op for PgBatch {
 struct HttpWrite(Http);
 
 impl Op for HttpWrite {
-    async fn once(&mut self, rng: &mut Rng) -> Result<(u64, u64), String> {
-        let id = rng.below(UNIVERSE);
+    async fn once(&mut self, rng: &mut SplitMix64) -> Result<(u64, u64), String> {
+        let id = rng.scaled(UNIVERSE);
         let out = rng.next() & 1 == 0;
         let uri = format!("/v1/customers/{id}/preferences/{MAIN_SERVICE}/sms");
         let body: &'static str = if out { r#"{"status":"opted_out"}"# } else { r#"{"status":"opted_in"}"# };
@@ -1079,8 +1099,8 @@ struct PgWrite {
 }
 
 impl Op for PgWrite {
-    async fn once(&mut self, rng: &mut Rng) -> Result<(u64, u64), String> {
-        let id = rng.below(UNIVERSE) as i64;
+    async fn once(&mut self, rng: &mut SplitMix64) -> Result<(u64, u64), String> {
+        let id = rng.scaled(UNIVERSE) as i64;
         let out = rng.next() & 1 == 0;
         let status = if out { "opted_out" } else { "opted_in" };
         self.client.execute(&self.stmt, &[&MAIN_SERVICE, &"sms", &id, &status]).await.map_err(pg_err)?;
@@ -1443,6 +1463,11 @@ async fn run(opts: Opts) {
         "client and prefsd share the machine's cores; Redis and PostgreSQL run as their own processes on loopback"
     );
 
+    if !DATA_WORKLOADS.iter().any(|w| opts.wants(w)) {
+        run_without_data(&opts, all_started).await;
+        return;
+    }
+
     let started = Instant::now();
     let data = Arc::new(Data::generate());
     println!(
@@ -1545,6 +1570,11 @@ async fn run(opts: Opts) {
         rows.push(writes(addr, &peers, &opts).await);
         mark("writes");
     }
+    if opts.wants("cluster") {
+        let cluster_rows = cluster(&peers.pg_url, &rows, &opts).await;
+        rows.extend(cluster_rows);
+        mark("cluster");
+    }
 
     // --- clean up the peers
     if let Some(conn) = peers.redis.as_mut() {
@@ -1600,12 +1630,20 @@ async fn run(opts: Opts) {
 
     mark("startup");
 
-    // --- summary
+    summary(&rows);
+    targets(&rows, big.as_ref(), small.as_ref().ok());
+    println!("load average at end: {}", loadavg());
+    let phases: Vec<String> = phases.iter().map(|(n, d)| format!("{n} {:.1} s", d.as_secs_f64())).collect();
+    println!("total time {:.1} s ({})", all_started.elapsed().as_secs_f64(), phases.join(", "));
+}
+
+/// The summary table, how each peer figure was obtained, and every `compare` line.
+fn summary(rows: &[Row]) {
     println!();
     println!("summary (medians; ratio > 1 means prefsd is better):");
     println!("| workload | prefsd | Redis | prefsd vs Redis | PostgreSQL | prefsd vs PostgreSQL |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    for r in &rows {
+    for r in rows {
         println!(
             "| {} | {} | {} | {} | {} | {} |",
             r.title,
@@ -1616,20 +1654,31 @@ async fn run(opts: Opts) {
             ratio_cell(r.ratio(Peer::Postgres))
         );
     }
-    for r in &rows {
+    for r in rows {
         if !r.how.is_empty() {
             println!("  {}: {}", r.title, r.how);
         }
     }
     println!();
-    for r in &rows {
+    for r in rows {
         r.print_compare();
     }
     println!();
-    targets(&rows, big.as_ref(), small.as_ref().ok());
+}
+
+/// `PREFSD_BENCH_ONLY` without any workload of the bench data set: no data
+/// generated, no peer loaded, only the cluster workload (when selected).
+async fn run_without_data(opts: &Opts, all_started: Instant) {
+    let pg_url = std::env::var("PREFSD_BENCH_PG")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
+    println!("data: none loaded (no workload of the bench data set selected)");
+    let mut rows = Vec::new();
+    if opts.wants("cluster") {
+        rows.extend(cluster(&pg_url, &rows, opts).await);
+    }
+    summary(&rows);
     println!("load average at end: {}", loadavg());
-    let phases: Vec<String> = phases.iter().map(|(n, d)| format!("{n} {:.1} s", d.as_secs_f64())).collect();
-    println!("total time {:.1} s ({})", all_started.elapsed().as_secs_f64(), phases.join(", "));
+    println!("total time {:.1} s", all_started.elapsed().as_secs_f64());
 }
 
 /// Connects to Redis and loads the sets; `None` (with a SKIP line) when unreachable.
@@ -1711,10 +1760,10 @@ async fn setup_pg(url: &str, data: &Data) -> (Option<tokio_postgres::Client>, Ve
 /// 2,000 probes: 1,000 opted-out ids and 1,000 random ones; every store
 /// must answer each like the generated truth.
 async fn verify(addr: SocketAddr, peers: &mut Peers, data: &Data) -> Result<(), String> {
-    let mut rng = Rng(99);
+    let mut rng = SplitMix64(99);
     let main = &data.pairs[0].ids;
-    let mut probes: Vec<u64> = (0..1000).map(|_| main[rng.below(main.len() as u64) as usize]).collect();
-    probes.extend((0..1000).map(|_| rng.below(UNIVERSE)));
+    let mut probes: Vec<u64> = (0..1000).map(|_| main[rng.scaled(main.len() as u64) as usize]).collect();
+    probes.extend((0..1000).map(|_| rng.scaled(UNIVERSE)));
     let mut http = Http::connect(addr).await?;
     let key = redis_key(MAIN_SERVICE, MAIN_CHANNEL);
     for &id in &probes {
@@ -2082,41 +2131,480 @@ async fn writes(addr: SocketAddr, peers: &Peers, opts: &Opts) -> Row {
         .await,
     );
     if let Some(client) = peers.pg.as_ref() {
-        row.postgres = report(
-            "postgres",
-            async {
-                client
-                    .batch_execute(
-                        "DROP TABLE IF EXISTS prefsd_bench_prefs; \
-                         CREATE TABLE prefsd_bench_prefs (service text NOT NULL, channel text NOT NULL, \
-                         customer bigint NOT NULL, status text NOT NULL, updated_at timestamptz NOT NULL, \
-                         PRIMARY KEY (service, channel, customer))",
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                let mut workers = Vec::new();
-                for _ in 0..WRITERS {
-                    let client = pg_connect(&peers.pg_url).await?;
-                    client.batch_execute("SET synchronous_commit = on").await.map_err(pg_err)?;
-                    let stmt = client
-                        .prepare(
-                            "INSERT INTO prefsd_bench_prefs (service, channel, customer, status, updated_at) \
-                             VALUES ($1, $2, $3, $4, now()) ON CONFLICT (service, channel, customer) \
-                             DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
-                        )
-                        .await
-                        .map_err(pg_err)?;
-                    workers.push(PgWrite { client, stmt });
-                }
-                measure("postgres INSERT … ON CONFLICT DO UPDATE, autocommit", "writes/s", workers, opts, 30)
-                    .await
-            }
-            .await,
-        );
+        row.postgres = report("postgres", pg_durable_writes(client, &peers.pg_url, opts).await);
         row.how = "prefsd writes a record and an audit entry per write; PostgreSQL one upserted row".into();
     }
     row.print_compare();
     row
+}
+
+/// The PostgreSQL peer of durable writes: `WRITERS` connections, each an
+/// autocommit `INSERT … ON CONFLICT DO UPDATE` with `synchronous_commit = on`,
+/// into `prefsd_bench_prefs`, (re)created empty through `admin`.
+async fn pg_durable_writes(admin: &tokio_postgres::Client, url: &str, opts: &Opts) -> Result<f64, String> {
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS prefsd_bench_prefs; \
+             CREATE TABLE prefsd_bench_prefs (service text NOT NULL, channel text NOT NULL, \
+             customer bigint NOT NULL, status text NOT NULL, updated_at timestamptz NOT NULL, \
+             PRIMARY KEY (service, channel, customer))",
+        )
+        .await
+        .map_err(pg_err)?;
+    let mut workers = Vec::new();
+    for _ in 0..WRITERS {
+        let client = pg_connect(url).await?;
+        client.batch_execute("SET synchronous_commit = on").await.map_err(pg_err)?;
+        let stmt = client
+            .prepare(
+                "INSERT INTO prefsd_bench_prefs (service, channel, customer, status, updated_at) \
+                 VALUES ($1, $2, $3, $4, now()) ON CONFLICT (service, channel, customer) \
+                 DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+            )
+            .await
+            .map_err(pg_err)?;
+        workers.push(PgWrite { client, stmt });
+    }
+    measure("postgres INSERT … ON CONFLICT DO UPDATE, autocommit", "writes/s", workers, opts, 30).await
+}
+
+// ---------------------------------------------------------------------------
+// Cluster mode: two sidecars on one PostgreSQL database
+
+/// `url` with its database replaced by `db`: a `postgres[ql]://` URL keeps
+/// its authority and query; a `key=value` string gets `dbname=` appended
+/// (the last value wins).
+fn pg_url_with_db(url: &str, db: &str) -> String {
+    for scheme in ["postgresql://", "postgres://"] {
+        if let Some(rest) = url.strip_prefix(scheme) {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            let query = tail.find('?').map_or("", |q| &tail[q..]);
+            return format!("{scheme}{authority}/{db}{query}");
+        }
+    }
+    format!("{url} dbname={db}")
+}
+
+/// Drops the databases earlier cluster runs left behind, unless the process
+/// named by the suffix still runs here (PostgreSQL also refuses to drop a
+/// database someone is connected to).
+async fn drop_leftover_dbs(admin: &tokio_postgres::Client, own: &str) -> Result<(), String> {
+    let rows = admin
+        .query("SELECT datname FROM pg_database WHERE left(datname, length($1)) = $1", &[&CLUSTER_DB_PREFIX])
+        .await
+        .map_err(pg_err)?;
+    for row in rows {
+        let name: String = row.get(0);
+        let Ok(pid) = name[CLUSTER_DB_PREFIX.len()..].parse::<u32>() else { continue };
+        if name != own && Path::new(&format!("/proc/{pid}")).exists() {
+            println!("  database {name}: its process {pid} still runs; left alone");
+            continue;
+        }
+        match admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\"")).await {
+            Ok(()) => println!("  dropped the leftover database {name}"),
+            Err(e) => println!("  leftover database {name} not dropped: {}", pg_err(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Drops this run's database, closing the sessions the stopped sidecars may
+/// still hold (`WITH (FORCE)`; before PostgreSQL 13, by waiting for them).
+async fn drop_db(admin: &tokio_postgres::Client, db: &str) -> Result<(), String> {
+    let forced = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)")).await;
+    let mut last = match forced {
+        Ok(()) => return Ok(()),
+        Err(e) => pg_err(e),
+    };
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\"")).await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = pg_err(e),
+        }
+    }
+    Err(last)
+}
+
+/// A sidecar's `/readyz`: whether it is ready, and its last applied sequence.
+async fn readyz(http: &mut Http) -> Result<(bool, u64), String> {
+    let (status, body) = http.request(Method::GET, "/readyz", None, Bytes::new()).await?;
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("/readyz: {e}"))?;
+    Ok((status == StatusCode::OK, v["last_seq"].as_u64().unwrap_or(0)))
+}
+
+/// Waits until every sidecar answers `/readyz` with 200.
+async fn wait_ready(addrs: &[SocketAddr]) -> Result<(), String> {
+    let started = Instant::now();
+    for &addr in addrs {
+        let mut http = Http::connect(addr).await?;
+        while !readyz(&mut http).await?.0 {
+            if started.elapsed() > CLUSTER_WAIT {
+                return Err(format!("{addr} not ready after {CLUSTER_WAIT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
+}
+
+/// The last sequence number PostgreSQL assigned.
+async fn pg_head(pg: &tokio_postgres::Client) -> Result<u64, String> {
+    let head: i64 = pg.query_one("SELECT last_seq FROM prefsd_head", &[]).await.map_err(pg_err)?.get(0);
+    Ok(head as u64)
+}
+
+/// Waits until every sidecar has applied every event PostgreSQL holds now;
+/// answers how long that took.
+async fn wait_applied(pg: &tokio_postgres::Client, addrs: &[SocketAddr]) -> Result<Duration, String> {
+    let head = pg_head(pg).await?;
+    let started = Instant::now();
+    for &addr in addrs {
+        let mut http = Http::connect(addr).await?;
+        loop {
+            let (_, applied) = readyz(&mut http).await?;
+            if applied >= head {
+                break;
+            }
+            if started.elapsed() > CLUSTER_WAIT {
+                return Err(format!("{addr} applied up to {applied}, not {head}, in {CLUSTER_WAIT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// Waits until `GET /v1/services/{slug}` answers 200 on `addr`.
+async fn wait_service(addr: SocketAddr, slug: &str) -> Result<(), String> {
+    let started = Instant::now();
+    let mut http = Http::connect(addr).await?;
+    let uri = format!("/v1/services/{slug}");
+    while http.request(Method::GET, &uri, None, Bytes::new()).await?.0 != StatusCode::OK {
+        if started.elapsed() > CLUSTER_WAIT {
+            return Err(format!("service {slug} not visible on {addr} after {CLUSTER_WAIT:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// The durable-write closed loop against sidecars of the cluster, then how
+/// many writes shared each PostgreSQL transaction (events of one transaction
+/// share `recorded_at`, the transaction's start) and how long both sidecars
+/// took to apply the last of them.
+async fn cluster_writes(
+    label: &str,
+    workers: Vec<HttpWrite>,
+    opts: &Opts,
+    pg: &tokio_postgres::Client,
+    addrs: &[SocketAddr],
+) -> Result<f64, String> {
+    let before = pg_head(pg).await?;
+    let rate = measure(label, "writes/s", workers, opts, 40).await?;
+    let caught_up = wait_applied(pg, addrs).await?;
+    let after = pg_head(pg).await?;
+    let row = pg
+        .query_one(
+            "SELECT count(*), count(DISTINCT recorded_at) FROM prefsd_events WHERE seq > $1 AND seq <= $2",
+            &[&(before as i64), &(after as i64)],
+        )
+        .await
+        .map_err(pg_err)?;
+    let (events, txns): (i64, i64) = (row.get(0), row.get(1));
+    println!(
+        "    {events} events in {txns} PostgreSQL transactions during warm-up and runs = {:.1} writes per \
+         transaction; both sidecars had applied the last one {:.1} ms after the last run ended",
+        events as f64 / txns.max(1) as f64,
+        caught_up.as_secs_f64() * 1e3
+    );
+    Ok(rate)
+}
+
+async fn allowed(http: &mut Http, uri: &str) -> Result<bool, String> {
+    let body = http.send(Method::GET, uri, None, Bytes::new()).await?;
+    Ok(serde_json::from_slice::<CheckAnswer>(&body).map_err(|e| e.to_string())?.allowed)
+}
+
+/// `n` opt-outs written one at a time on `from`, customers `first..first+n`
+/// of `MAIN_SERVICE`/`MAIN_CHANNEL` (allowed everywhere before), each checked
+/// on `to` without pause until it answers `allowed=false`. Answers, per
+/// write, the ms from the acknowledgement until `to` answered so, and the ms
+/// the write took to be acknowledged. A write not visible within
+/// `PROPAGATION_DEADLINE`, or not read back on `from`, is an error. Also
+/// answers how many writes the first check after the acknowledgement saw.
+async fn propagation(
+    from: SocketAddr,
+    to: SocketAddr,
+    first: u64,
+    n: usize,
+) -> Result<(Vec<f64>, Vec<f64>, usize), String> {
+    let mut writer = Http::connect(from).await?;
+    let mut reader = Http::connect(to).await?;
+    let (mut visible, mut acked) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut at_first_check = 0;
+    for i in 0..n {
+        let customer = first + i as u64;
+        let check = format!("/v1/check?customer={customer}&service={MAIN_SERVICE}&channel={MAIN_CHANNEL}");
+        if !allowed(&mut reader, &check).await? {
+            return Err(format!("customer {customer} is already opted out on {to}"));
+        }
+        let put = format!("/v1/customers/{customer}/preferences/{MAIN_SERVICE}/{MAIN_CHANNEL}");
+        let body = Bytes::from_static(br#"{"status":"opted_out"}"#);
+        let sent = Instant::now();
+        writer.send(Method::PUT, &put, Some("application/json"), body).await?;
+        let at = Instant::now();
+        let mut checks = 1u64;
+        while allowed(&mut reader, &check).await? {
+            if at.elapsed() > PROPAGATION_DEADLINE {
+                return Err(format!(
+                    "opt-out {i} (customer {customer}) acknowledged by {from} was not visible on {to} after \
+                     {PROPAGATION_DEADLINE:?} ({checks} checks)"
+                ));
+            }
+            checks += 1;
+        }
+        visible.push(at.elapsed().as_secs_f64() * 1e3);
+        acked.push((at - sent).as_secs_f64() * 1e3);
+        at_first_check += usize::from(checks == 1);
+        if allowed(&mut writer, &check).await? {
+            return Err(format!("{from} does not read its own opt-out of customer {customer}"));
+        }
+    }
+    Ok((visible, acked, at_first_check))
+}
+
+/// The nearest-rank percentile `p` (0..=1) of `v`.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+/// What the cluster workload measured.
+#[derive(Default)]
+struct ClusterFigures {
+    /// 64 writers on A, writes/s.
+    one: Option<f64>,
+    /// 32 writers on A and 32 on B, writes/s.
+    split: Option<f64>,
+    /// Opt-out on A until visible on B, ms per write.
+    a_to_b: Option<Vec<f64>>,
+    /// Opt-out on B until visible on A, ms per write.
+    b_to_a: Option<Vec<f64>>,
+}
+
+/// A sidecar of the cluster: an empty data dir under `dir`, `postgres = url`.
+async fn cluster_sidecar(dir: &Path, url: &str) -> Result<Sidecar, String> {
+    let mut config = Config::for_data_dir(dir.join("data"));
+    config.postgres = Some(url.to_owned());
+    let (sidecar, _) = tokio::task::spawn_blocking(move || Sidecar::start_with(config))
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(sidecar)
+}
+
+/// Starts sidecars A and B on `url`, measures, stops them.
+async fn cluster_run(url: &str, opts: &Opts) -> Result<ClusterFigures, String> {
+    let dir_a = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir_b = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let a = cluster_sidecar(dir_a.path(), url).await?;
+    let b = match cluster_sidecar(dir_b.path(), url).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || a.stop()).await;
+            return Err(e);
+        }
+    };
+    let measured = cluster_measure(a.addr, b.addr, url, opts, started).await;
+    let stopped = Instant::now();
+    let _ = tokio::task::spawn_blocking(move || a.stop()).await;
+    let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+    println!("  sidecars A and B stopped in {:.0} ms", stopped.elapsed().as_secs_f64() * 1e3);
+    measured
+}
+
+async fn cluster_measure(
+    a: SocketAddr,
+    b: SocketAddr,
+    url: &str,
+    opts: &Opts,
+    started: Instant,
+) -> Result<ClusterFigures, String> {
+    let pg = pg_connect(url).await?;
+    wait_ready(&[a, b]).await?;
+    println!(
+        "  sidecars A (127.0.0.1:{}) and B (127.0.0.1:{}), empty data dirs, ready (/readyz 200) {:.0} ms after \
+         the start of A",
+        a.port(),
+        b.port(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let mut http = Http::connect(a).await?;
+    let body = format!(r#"{{"slug":"{MAIN_SERVICE}","name":"{MAIN_SERVICE}"}}"#);
+    let t = Instant::now();
+    http.send(Method::POST, "/v1/services", Some("application/json"), body.into()).await?;
+    let created = t.elapsed();
+    wait_service(b, MAIN_SERVICE).await?;
+    println!(
+        "  service {MAIN_SERVICE} created through A in {:.1} ms, visible on B {:.1} ms later",
+        created.as_secs_f64() * 1e3,
+        (t.elapsed() - created).as_secs_f64() * 1e3
+    );
+
+    let mut f = ClusterFigures::default();
+    let put = "PUT /v1/customers/C/preferences/S/H";
+    f.one = report(
+        "prefsd cluster writes on A",
+        async {
+            let workers = Http::connect_many(a, WRITERS).await?.into_iter().map(HttpWrite).collect();
+            cluster_writes(
+                &format!("prefsd cluster, {WRITERS} writers on A, {put}"),
+                workers,
+                opts,
+                &pg,
+                &[a, b],
+            )
+            .await
+        }
+        .await,
+    );
+    f.split = report(
+        "prefsd cluster writes on A and B",
+        async {
+            let mut conns = Http::connect_many(a, WRITERS / 2).await?;
+            conns.extend(Http::connect_many(b, WRITERS - WRITERS / 2).await?);
+            let workers = conns.into_iter().map(HttpWrite).collect();
+            let label = format!(
+                "prefsd cluster, {} writers on A + {} on B, {put}",
+                WRITERS / 2,
+                WRITERS - WRITERS / 2
+            );
+            cluster_writes(&label, workers, opts, &pg, &[a, b]).await
+        }
+        .await,
+    );
+
+    let n = if opts.quick { PROPAGATION_N_QUICK } else { PROPAGATION_N };
+    wait_applied(&pg, &[a, b]).await?;
+    for (from, to, name, first) in [(a, b, "A", UNIVERSE), (b, a, "B", UNIVERSE + n as u64)] {
+        let other = if name == "A" { "B" } else { "A" };
+        let measured =
+            report(&format!("propagation {name} to {other}"), propagation(from, to, first, n).await);
+        let Some((visible, acked, at_first_check)) = measured else { continue };
+        println!(
+            "  {n} opt-outs of {MAIN_SERVICE}/{MAIN_CHANNEL} written one at a time on {name}, each for a fresh \
+             customer: acknowledged after median {:.2} ms (p99 {:.2} ms); {other} polled without pause until \
+             GET /v1/check answered allowed=false, which the first check after the acknowledgement did for \
+             {at_first_check} of them (their figure is one check's round trip)",
+            median(acked.clone()),
+            percentile(&acked, 0.99)
+        );
+        let line = format!(
+            "median={:.2} ms p99={:.2} ms max={:.2} ms n={n}",
+            median(visible.clone()),
+            percentile(&visible, 0.99),
+            percentile(&visible, 1.0)
+        );
+        if name == "A" {
+            println!("cluster propagation: {line}");
+            f.a_to_b = Some(visible);
+        } else {
+            println!("cluster propagation B to A: {line}");
+            f.b_to_a = Some(visible);
+        }
+    }
+    Ok(f)
+}
+
+/// The cluster workload on the PostgreSQL of `pg_url`; answers its summary
+/// rows. The PostgreSQL peer of the write rows is the `durable_write` row's
+/// when `rows` holds one, else measured here the same way.
+async fn cluster(pg_url: &str, rows: &[Row], opts: &Opts) -> Vec<Row> {
+    println!(
+        "cluster mode: two sidecars A and B on one PostgreSQL database ({WRITERS} concurrent writers, one write \
+         per round trip, acknowledged once committed in PostgreSQL and applied locally; load average {}):",
+        loadavg()
+    );
+    let mut one =
+        Row::new("cluster_write", "cluster durable writes, 64 writers on sidecar A", "writes/s", true);
+    let mut split =
+        Row::new("cluster_write_split", "cluster durable writes, 32 on A + 32 on B", "writes/s", true);
+    let mut med =
+        Row::new("cluster_propagation_median", "cluster opt-out on A visible on B, median", "ms", false);
+    let mut p99 = Row::new("cluster_propagation_p99", "cluster opt-out on A visible on B, p99", "ms", false);
+    let admin = match pg_connect(pg_url).await {
+        Ok(c) => c,
+        Err(e) => {
+            println!("SKIP postgres: {pg_url} unreachable: {e}");
+            return vec![one, split, med, p99];
+        }
+    };
+    let db = format!("{CLUSTER_DB_PREFIX}{}", std::process::id());
+    if let Err(e) = drop_leftover_dbs(&admin, &db).await {
+        println!("  ERROR looking for leftover databases: {e}");
+    }
+    let figures = match admin.batch_execute(&format!("CREATE DATABASE \"{db}\"")).await {
+        Err(e) => Err(format!("CREATE DATABASE {db}: {}", pg_err(e))),
+        Ok(()) => {
+            println!("  database {db} created");
+            let figures = cluster_run(&pg_url_with_db(pg_url, &db), opts).await;
+            match drop_db(&admin, &db).await {
+                Ok(()) => println!("cleanup cluster: database {db} dropped"),
+                Err(e) => println!("cleanup cluster: database {db} NOT dropped: {e}"),
+            }
+            figures
+        }
+    };
+    let f = report("cluster", figures).unwrap_or_default();
+
+    let earlier = rows.iter().find(|r| r.name == "durable_write").and_then(|r| r.postgres);
+    let (peer, how) = match earlier {
+        Some(v) => (Some(v), "the durable_write workload's, this run"),
+        None if f.one.is_some() || f.split.is_some() => {
+            let v = report("postgres", pg_durable_writes(&admin, pg_url, opts).await);
+            if let Err(e) = admin.batch_execute("DROP TABLE IF EXISTS prefsd_bench_prefs").await {
+                println!("cleanup postgres failed: {}", pg_err(e));
+            }
+            (v, "measured here as the durable_write workload does, after the sidecars stopped")
+        }
+        None => (None, ""),
+    };
+    one.prefsd = f.one;
+    one.postgres = peer;
+    one.how = format!(
+        "two in-process sidecars, empty data dirs, on a fresh PostgreSQL database; PostgreSQL peer: {WRITERS} \
+         autocommit INSERT … ON CONFLICT DO UPDATE, synchronous_commit=on, {how}"
+    );
+    split.prefsd = f.split;
+    split.postgres = peer;
+    split.how = "peer as above".into();
+    if let Some(v) = &f.a_to_b {
+        med.prefsd = Some(median(v.clone()));
+        p99.prefsd = Some(percentile(v, 0.99));
+        med.how = format!(
+            "from A acknowledging the PUT until B's GET /v1/check answers allowed=false, {} opt-outs one at a \
+             time, max {:.2} ms",
+            v.len(),
+            percentile(v, 1.0)
+        );
+        if let Some(r) = &f.b_to_a {
+            let _ = write!(
+                med.how,
+                "; B to A: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                median(r.clone()),
+                percentile(r, 0.99),
+                percentile(r, 1.0)
+            );
+        }
+    }
+    vec![one, split, med, p99]
 }
 
 /// 10,000,000 opt-outs over 10 services × 2 channels, imported through the
