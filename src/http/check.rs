@@ -79,7 +79,7 @@ where
     let limit = app.config().max_bulk_body_bytes;
     super::require_json(req.header(header::CONTENT_TYPE))?;
     let bytes = req.bytes(limit).await?;
-    let body: BatchRequest<'_> = serde_json::from_slice::<super::Object<_>>(&bytes)?.0;
+    let body: BatchRequest<'_> = serde_json::from_str::<super::Object<_>>(super::utf8(&bytes)?)?.0;
     too_many(app, body.checks.len(), "checks")?;
     let index = app.index();
     let mut results = Vec::with_capacity(body.checks.len());
