@@ -316,8 +316,25 @@ pub fn segment(s: &str) -> Result<std::borrow::Cow<'_, str>> {
 }
 
 /// The value of query parameter `name`, percent-decoded.
+///
+/// Pairs without `%` or `+` are compared and returned as they stand; only
+/// encoded ones go through `form_urlencoded`. Decoding every pair up to the
+/// match was a quarter of a `GET /v1/check` in perf.
 pub fn query_param<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v)
+    let encoded = |s: &str| s.bytes().any(|b| b == b'%' || b == b'+');
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !encoded(pair) {
+            if key == name {
+                return Some(std::borrow::Cow::Borrowed(value));
+            }
+        } else if let Some((k, v)) = form_urlencoded::parse(pair.as_bytes()).next()
+            && k == name
+        {
+            return Some(v);
+        }
+    }
+    None
 }
 
 /// A required query parameter.
@@ -562,4 +579,29 @@ where
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
         Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("a task failed: {e}")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn query_param_answers_as_form_urlencoded_does() {
+        let queries = [
+            "customer=42&service=rating&channel=email",
+            "service=a%2Fb&service=second",
+            "ser%76ice=encoded-key&service=plain",
+            "channel=e+mail&customer=%34%32",
+            "&&service&customer==x&channel=a=b",
+            "customer=%FF%FE&service=%zz",
+            "",
+        ];
+        for query in queries {
+            for name in ["customer", "service", "channel", "missing", ""] {
+                let expected =
+                    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v);
+                assert_eq!(query_param(query, name), expected, "{query:?} {name:?}");
+            }
+        }
+    }
 }
