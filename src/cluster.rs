@@ -31,7 +31,7 @@ use crate::domain::{
     ChannelName, Event, Micros, PreferenceChange, Record, Scope, Service, ServiceChange, Status, Target,
 };
 use crate::store::Store;
-use crate::writer::{Applied, Op, WriteError, Writer};
+use crate::writer::{Applied, Op, Reply, WriteError, Writer, submit, submit_many};
 
 /// The schema version this build creates and reads.
 pub const PG_SCHEMA_VERSION: i32 = 1;
@@ -104,8 +104,6 @@ pub struct ClusterStatus {
     pub fatal: std::sync::Mutex<Option<String>>,
 }
 
-type Reply = oneshot::Sender<Result<Applied, WriteError>>;
-
 /// A cheap handle to the PostgreSQL writer.
 #[derive(Clone)]
 pub struct Cluster {
@@ -137,26 +135,12 @@ impl Cluster {
 
     /// One write, acknowledged once committed in PostgreSQL and applied here.
     pub async fn write(&self, op: Op) -> Result<Applied, WriteError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send((op, reply)).await.map_err(|_| WriteError::Closed)?;
-        rx.await.map_err(|_| WriteError::Closed)?
+        submit(&self.tx, op, |op, reply| (op, reply)).await
     }
 
     /// Many writes; answers in order.
     pub async fn write_many(&self, ops: Vec<Op>) -> Vec<Result<Applied, WriteError>> {
-        let mut waits = Vec::with_capacity(ops.len());
-        for op in ops {
-            let (reply, rx) = oneshot::channel();
-            if self.tx.send((op, reply)).await.is_err() {
-                break;
-            }
-            waits.push(rx);
-        }
-        let mut out = Vec::with_capacity(waits.len());
-        for rx in waits {
-            out.push(rx.await.unwrap_or(Err(WriteError::Closed)));
-        }
-        out
+        submit_many(&self.tx, ops, |op, reply| (op, reply)).await
     }
 }
 

@@ -134,7 +134,42 @@ impl fmt::Display for WriteError {
 
 impl std::error::Error for WriteError {}
 
-type Reply = oneshot::Sender<Result<Applied, WriteError>>;
+/// Where the answer to one write goes.
+pub(crate) type Reply = oneshot::Sender<Result<Applied, WriteError>>;
+
+/// Queues one write on a writer's channel (`wrap` makes its message) and
+/// waits for the answer.
+pub(crate) async fn submit<C>(
+    tx: &mpsc::Sender<C>,
+    op: Op,
+    wrap: impl FnOnce(Op, Reply) -> C,
+) -> Result<Applied, WriteError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(wrap(op, reply)).await.map_err(|_| WriteError::Closed)?;
+    rx.await.map_err(|_| WriteError::Closed)?
+}
+
+/// Queues many writes before waiting for any, so they can share a group
+/// commit; answers come back in order.
+pub(crate) async fn submit_many<C>(
+    tx: &mpsc::Sender<C>,
+    ops: Vec<Op>,
+    wrap: impl Fn(Op, Reply) -> C,
+) -> Vec<Result<Applied, WriteError>> {
+    let mut waits = Vec::with_capacity(ops.len());
+    for op in ops {
+        let (reply, rx) = oneshot::channel();
+        if tx.send(wrap(op, reply)).await.is_err() {
+            break;
+        }
+        waits.push(rx);
+    }
+    let mut out = Vec::with_capacity(waits.len());
+    for rx in waits {
+        out.push(rx.await.unwrap_or(Err(WriteError::Closed)));
+    }
+    out
+}
 
 enum Command {
     Write(Op, Reply),
@@ -220,9 +255,7 @@ impl Writer {
         if let Some(cluster) = &self.cluster {
             return cluster.write(op).await;
         }
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Write(op, reply)).await.map_err(|_| WriteError::Closed)?;
-        rx.await.map_err(|_| WriteError::Closed)?
+        submit(&self.tx, op, Command::Write).await
     }
 
     /// Submits many operations at once; answers come back in order.
@@ -230,19 +263,7 @@ impl Writer {
         if let Some(cluster) = &self.cluster {
             return cluster.write_many(ops).await;
         }
-        let mut waits = Vec::with_capacity(ops.len());
-        for op in ops {
-            let (reply, rx) = oneshot::channel();
-            if self.tx.send(Command::Write(op, reply)).await.is_err() {
-                break;
-            }
-            waits.push(rx);
-        }
-        let mut out = Vec::with_capacity(waits.len());
-        for rx in waits {
-            out.push(rx.await.unwrap_or(Err(WriteError::Closed)));
-        }
-        out
+        submit_many(&self.tx, ops, Command::Write).await
     }
 
     /// Asks for a snapshot of the index at the next quiet moment.
