@@ -130,16 +130,21 @@ fn too_many(app: &App, n: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The JSON body of `POST /v1/filter` (public for `benches/filter.rs`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FilterRequest {
-    customers: Vec<CustomerId>,
+pub struct FilterRequest {
+    /// The recipients, in the caller's order.
+    pub customers: Vec<CustomerId>,
 }
 
+/// The JSON answer of `POST /v1/filter`.
 #[derive(Serialize)]
-struct FilterAnswer {
-    allowed: Vec<CustomerId>,
-    suppressed: Vec<CustomerId>,
+pub struct FilterAnswer {
+    /// Recipients who may be sent to, in input order.
+    pub allowed: Vec<CustomerId>,
+    /// Recipients who opted out, in input order.
+    pub suppressed: Vec<CustomerId>,
 }
 
 /// `POST /v1/filter?service=S&channel=H`: JSON lists or roaring bitmaps.
