@@ -30,8 +30,7 @@ use std::time::Duration;
 
 use common::{Clock, SplitMix64, UNIVERSE, distinct_ids};
 use criterion::{Bencher, Criterion, criterion_group, criterion_main};
-use prefsd::domain::{ChannelName, CustomerId, Scope, ServiceSlug, Status};
-use prefsd::index::Index;
+use prefsd::domain::{CustomerId, Scope, Status};
 use roaring::RoaringBitmap;
 
 /// Opted-out ids in the measured pair: 5% of the universe.
@@ -45,15 +44,7 @@ fn bench_check(c: &mut Criterion<Clock>) {
     let mut rng = SplitMix64(0x00C0_FFEE);
     let opted_out = distinct_ids(&mut rng, OPTED_OUT);
 
-    let channels = vec![ChannelName::parse("email").unwrap(), ChannelName::parse("sms").unwrap()];
-    let mut index = Index::new(channels);
-    for slug in ["rating", "waitlist", "appointment"] {
-        index.add_service(&ServiceSlug::parse(slug).unwrap());
-    }
-    let scope = Scope::parse("rating", "email").unwrap();
-    for &id in &opted_out {
-        index.apply(CustomerId(u64::from(id)), &scope, Status::OptedOut).unwrap();
-    }
+    let mut index = common::rating_email_index(&opted_out);
     // A few opt-outs elsewhere, so the other pairs are not all empty.
     let sms = Scope::parse("waitlist", "sms").unwrap();
     for _ in 0..10_000 {

@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use common::{Clock, SplitMix64, distinct_ids};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use prefsd::domain::{ChannelName, CustomerId, Scope, ServiceSlug, Status};
+use prefsd::domain::CustomerId;
 use prefsd::http::check::{FilterAnswer, FilterRequest};
 use prefsd::http::utf8;
-use prefsd::index::{Index, allowed_bitmap, split};
+use prefsd::index::{allowed_bitmap, split};
 use roaring::RoaringBitmap;
 
 /// Recipients in the list, and opt-outs in the pair.
@@ -36,15 +36,7 @@ fn bench_filter(c: &mut Criterion<Clock>) {
     let opted_out = distinct_ids(&mut rng, N);
     let recipients = distinct_ids(&mut rng, N);
 
-    let channels = vec![ChannelName::parse("email").unwrap(), ChannelName::parse("sms").unwrap()];
-    let mut index = Index::new(channels);
-    for slug in ["rating", "waitlist", "appointment"] {
-        index.add_service(&ServiceSlug::parse(slug).unwrap());
-    }
-    let scope = Scope::parse("rating", "email").unwrap();
-    for &id in &opted_out {
-        index.apply(CustomerId(u64::from(id)), &scope, Status::OptedOut).unwrap();
-    }
+    let index = common::rating_email_index(&opted_out);
     let set = index.pair("rating", "email").unwrap();
 
     // The roaring request body: what a client's serializer writes.

@@ -201,3 +201,17 @@ fn thread_cpu_ns() -> u64 {
         .expect("PREFSD_BENCH_CLOCK=cpu needs Linux /proc/thread-self/schedstat");
     stat.split_whitespace().next().and_then(|v| v.parse().ok()).expect("schedstat starts with run time in ns")
 }
+
+/// An index over `email` and `sms` with the services `rating`, `waitlist`
+/// and `appointment`, where `opted_out` have opted out of `rating`/`email`.
+pub fn rating_email_index(opted_out: &[u32]) -> prefsd::index::Index {
+    let mut index = prefsd::index::Index::new(channels());
+    for slug in ["rating", "waitlist", "appointment"] {
+        index.add_service(&ServiceSlug::parse(slug).unwrap());
+    }
+    let scope = Scope::parse("rating", "email").unwrap();
+    for &id in opted_out {
+        index.apply(CustomerId(u64::from(id)), &scope, Status::OptedOut).unwrap();
+    }
+    index
+}
