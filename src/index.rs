@@ -25,26 +25,6 @@ use crate::domain::{ChannelName, CustomerId, Scope, ServiceSlug, Status, Target}
 
 pub use crate::idset::IdSet;
 
-/// FNV-1a, 64-bit: the slug lookup on every check.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-}
-
-/// Builds [`Fnv`] hashers.
-pub type BuildFnv = std::hash::BuildHasherDefault<Fnv>;
-
 /// Why the index could not answer: the name is not registered or configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unknown {
@@ -59,9 +39,12 @@ pub enum Unknown {
 pub struct Index {
     channels: Vec<ChannelName>,
     services: Vec<ServiceSlug>,
-    /// Slug → row. FNV-1a: slugs are short and not attacker-chosen keys
-    /// (only registered services are inserted), so SipHash's cost buys nothing.
-    service_pos: HashMap<Box<str>, usize, BuildFnv>,
+    /// Slug → row, looked up on every check. Fx hashing (rustc-hash): slugs
+    /// are short and not attacker-chosen keys (only registered services are
+    /// inserted), so SipHash's cost buys nothing; Fx hashes a word at a time
+    /// where the FNV-1a used before hashed a byte at a time
+    /// (`check/index_pair_lookup` 29.2 → 25.5 ns).
+    service_pos: HashMap<Box<str>, usize, rustc_hash::FxBuildHasher>,
     /// Row-major: `pairs[service * channels.len() + channel]`.
     pairs: Vec<IdSet>,
     /// Per channel: the resolution of `(*, H)` and `(*, *)` records alone.
