@@ -149,11 +149,9 @@ pub struct Loaded {
 pub struct Batch<'s> {
     txn: redb::WriteTransaction,
     next_seq: u64,
-    /// The batch's events, for the write-ahead log; `None` when the batch
-    /// bypasses it.
-    frames: Option<Frames>,
-    /// Whether redb itself commits durably (a batch that bypasses the log).
-    immediate: bool,
+    commit: Commit,
+    /// The batch's events, for the write-ahead log (kept only when `Logged`).
+    frames: Frames,
     store: &'s Store,
 }
 
@@ -175,7 +173,8 @@ pub struct Tables<'b> {
     events: redb::Table<'b, u64, &'static [u8]>,
     services: redb::Table<'b, &'static str, &'static [u8]>,
     next_seq: &'b mut u64,
-    frames: &'b mut Option<Frames>,
+    /// Where appended events are logged; `None` when the batch bypasses the log.
+    frames: Option<&'b mut Frames>,
 }
 
 impl Tables<'_> {
@@ -235,7 +234,7 @@ impl Tables<'_> {
         }
         let bytes = encode(event);
         self.events.insert(seq, bytes.as_slice())?;
-        if let Some(frames) = self.frames.as_mut() {
+        if let Some(frames) = &mut self.frames {
             frames.push(seq, &bytes);
         }
         *self.next_seq += 1;
@@ -280,9 +279,7 @@ impl Store {
             return Ok(());
         }
         let frames = state.wal.frames().map_err(|e| StoreError::Wal(format!("cannot read it: {e}")))?;
-        let mut batch =
-            Batch { txn: self.db.begin_write()?, next_seq: 0, frames: None, immediate: true, store: self };
-        batch.next_seq = batch.meta("last_seq")?.unwrap_or(0) + 1;
+        let mut batch = self.start(Commit::Immediate)?;
         let from = batch.next_seq;
         let mut tables = batch.tables()?;
         for (seq, bytes) in frames {
@@ -299,8 +296,8 @@ impl Store {
         }
         drop(tables);
         let replayed = batch.next_seq - from;
-        batch.finish()?;
-        state.wal.reset().map_err(|e| StoreError::Wal(format!("cannot empty it: {e}")))?;
+        batch.write_last_seq()?;
+        self.commit_durably(batch.txn, &mut state)?;
         if replayed > 0 {
             tracing::info!(replayed, "replayed events from the write-ahead log");
         }
@@ -324,8 +321,23 @@ impl Store {
             return Ok(());
         }
         // An empty durable commit persists every non-durable one before it.
-        self.db.begin_write()?.commit()?;
-        state.wal.reset().map_err(|e| StoreError::Wal(format!("cannot empty it: {e}")))
+        self.commit_durably(self.db.begin_write()?, state)
+    }
+
+    /// Commits `txn` with redb's own durable commit, which persists every
+    /// non-durable commit before it too, so the log is redundant from here
+    /// on and starts over (unless it is broken and must be kept for repair).
+    fn commit_durably(
+        &self,
+        mut txn: redb::WriteTransaction,
+        state: &mut WalState,
+    ) -> Result<(), StoreError> {
+        txn.set_durability(redb::Durability::Immediate).map_err(redb::Error::from)?;
+        txn.commit()?;
+        if state.broken.is_none() {
+            state.wal.reset().map_err(|e| StoreError::Wal(format!("cannot empty it: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The sequence number of the last committed event (0 when none).
@@ -559,13 +571,8 @@ impl Store {
                 table.insert(format!("p/{s}/{c}").as_str(), buf.as_slice())?;
             }
         }
-        // A durable commit: the log is redundant from here on.
         let mut state = self.wal();
-        txn.commit()?;
-        if state.broken.is_none() {
-            state.wal.reset().map_err(|e| StoreError::Wal(format!("cannot empty it: {e}")))?;
-        }
-        Ok(())
+        self.commit_durably(txn, &mut state)
     }
 
     /// Starts the write transaction for one batch of writes prefsd is the
@@ -592,8 +599,7 @@ impl Store {
             let meta = txn.open_table(META)?;
             meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0)
         };
-        let frames = (commit == Commit::Logged).then(Frames::default);
-        Ok(Batch { txn, next_seq: last + 1, frames, immediate: commit == Commit::Immediate, store: self })
+        Ok(Batch { txn, next_seq: last + 1, commit, frames: Frames::default(), store: self })
     }
 }
 
@@ -618,21 +624,8 @@ impl Batch<'_> {
             events: txn.open_table(EVENTS)?,
             services: txn.open_table(SERVICES)?,
             next_seq: &mut self.next_seq,
-            frames: &mut self.frames,
+            frames: (self.commit == Commit::Logged).then_some(&mut self.frames),
         })
-    }
-
-    /// A value of the `meta` table.
-    pub fn meta(&self, name: &str) -> Result<Option<u64>, StoreError> {
-        let meta = self.txn.open_table(META)?;
-        Ok(meta.get(name)?.map(|v| v.value()))
-    }
-
-    /// Sets a value of the `meta` table.
-    pub fn set_meta(&mut self, name: &str, value: u64) -> Result<(), StoreError> {
-        let mut meta = self.txn.open_table(META)?;
-        meta.insert(name, value)?;
-        Ok(())
     }
 
     /// The sequence number the next appended event will get.
@@ -640,57 +633,60 @@ impl Batch<'_> {
         self.next_seq
     }
 
-    /// Commits. For a durable batch, when this returns `Ok` the batch
-    /// survives a crash: its events are in the write-ahead log.
-    pub fn commit(mut self) -> Result<(), StoreError> {
-        {
-            let mut meta = self.txn.open_table(META)?;
-            meta.insert("last_seq", self.next_seq - 1)?;
-        }
-        let Some(frames) = self.frames.take() else {
-            if self.immediate {
-                return self.finish();
-            }
-            self.txn.commit()?;
-            return Ok(());
-        };
+    /// Commits. For a logged or immediate batch, when this returns `Ok`
+    /// the batch survives a crash: its events are in the write-ahead log, or
+    /// redb committed them durably.
+    pub fn commit(self) -> Result<(), StoreError> {
         let store = self.store;
-        let mut state = store.wal();
-        if let Some(why) = &state.broken {
-            return Err(StoreError::Wal(why.clone()));
-        }
-        if frames.is_empty() {
-            // Nothing to log (every operation was refused): commit directly.
-            drop(state);
-            return self.finish();
-        }
-        let mark = state.wal.len();
-        state.wal.append(&frames).map_err(|e| StoreError::Wal(format!("cannot append to it: {e}")))?;
-        if let Err(e) = self.txn.commit() {
-            if let Err(cut) = state.wal.cut(mark) {
-                state.broken = Some(format!(
-                    "a refused batch could not be cut from it ({cut}); restart prefsd to repair it"
-                ));
+        match self.commit {
+            Commit::Deferred => {
+                self.write_last_seq()?;
+                self.txn.commit()?;
+                Ok(())
             }
-            return Err(e.into());
+            Commit::Immediate => {
+                self.write_last_seq()?;
+                store.commit_durably(self.txn, &mut store.wal())
+            }
+            Commit::Logged => {
+                let mut state = store.wal();
+                if let Some(why) = &state.broken {
+                    return Err(StoreError::Wal(why.clone()));
+                }
+                if self.frames.is_empty() {
+                    // Every operation was refused: nothing was written.
+                    self.txn.abort()?;
+                    return Ok(());
+                }
+                self.write_last_seq()?;
+                let mark = state.wal.len();
+                state
+                    .wal
+                    .append(&self.frames)
+                    .map_err(|e| StoreError::Wal(format!("cannot append to it: {e}")))?;
+                if let Err(e) = self.txn.commit() {
+                    if let Err(cut) = state.wal.cut(mark) {
+                        state.broken = Some(format!(
+                            "a refused batch could not be cut from it ({cut}); restart prefsd to repair it"
+                        ));
+                    }
+                    return Err(e.into());
+                }
+                if state.wal.due()
+                    && let Err(e) = store.checkpoint_locked(&mut state)
+                {
+                    // The log still holds everything: retried at the next commit.
+                    tracing::warn!(error = %e, "checkpoint failed; the write-ahead log keeps growing");
+                }
+                Ok(())
+            }
         }
-        if state.wal.due()
-            && let Err(e) = store.checkpoint_locked(&mut state)
-        {
-            // The log still holds everything: retried at the next commit.
-            tracing::warn!(error = %e, "checkpoint failed; the write-ahead log keeps growing");
-        }
-        Ok(())
     }
 
-    /// Commits with redb's own `Durability::Immediate`, bypassing the log.
-    fn finish(mut self) -> Result<(), StoreError> {
-        {
-            let mut meta = self.txn.open_table(META)?;
-            meta.insert("last_seq", self.next_seq - 1)?;
-        }
-        self.txn.set_durability(redb::Durability::Immediate).map_err(redb::Error::from)?;
-        self.txn.commit()?;
+    /// Records the last sequence number in the batch's own transaction.
+    fn write_last_seq(&self) -> Result<(), StoreError> {
+        let mut meta = self.txn.open_table(META)?;
+        meta.insert("last_seq", self.next_seq - 1)?;
         Ok(())
     }
 }
