@@ -397,7 +397,7 @@ async fn commit(
                 Ok(Applied::Preference { seq: seq as u64, scope: scope.clone(), record })
             }
             Op::CreateService { slug, name, description, actor } => {
-                if services.get(slug.as_str()).is_some_and(Option::is_some) {
+                if services.contains_key(slug.as_str()) {
                     Err(WriteError::ServiceExists(slug.to_string()))
                 } else {
                     let service = Service {
@@ -413,7 +413,7 @@ async fn commit(
                 }
             }
             Op::UpdateService { slug, name, description, archived, actor } => {
-                match services.get(slug.as_str()).cloned().flatten() {
+                match services.get(slug.as_str()).cloned() {
                     None => Err(WriteError::UnknownService(slug.to_string())),
                     Some(Err(e)) => Err(e),
                     Some(Ok(stored)) => {
@@ -445,8 +445,9 @@ async fn commit(
 /// `(customer_id, service, notification_type)` as the current-state table keys them.
 type PrefKey = (String, String, String);
 
-/// A service as stored, or why it could not be read; `None` when absent.
-type Known = HashMap<String, Option<Result<Service, WriteError>>>;
+/// The batch's services as stored, or why one could not be read; a slug
+/// that is absent is not registered.
+type Known = HashMap<String, Result<Service, WriteError>>;
 
 /// The batch's events, as `unnest` arrays.
 #[derive(Default)]
@@ -490,12 +491,12 @@ async fn read_services(
         .collect();
     slugs.sort_unstable();
     slugs.dedup();
-    let mut known: Known = slugs.iter().map(|slug| ((*slug).to_owned(), None)).collect();
+    let mut known = Known::new();
     for row in txn.query(&s.services, &[&slugs]).await? {
         let slug: String = row.get(0);
         let service = serde_json::from_str::<Service>(row.get::<_, &str>(1))
             .map_err(|e| WriteError::Store(format!("stored service {slug} is unreadable: {e}")));
-        known.insert(slug, Some(service));
+        known.insert(slug, service);
     }
     Ok(known)
 }
@@ -598,7 +599,7 @@ async fn write_service(
         ],
     )
     .await?;
-    known.insert(service.slug.to_string(), Some(Ok(service.clone())));
+    known.insert(service.slug.to_string(), Ok(service.clone()));
     Ok(Ok(Applied::Service { seq: seq as u64, service }))
 }
 
@@ -610,12 +611,12 @@ fn check_scope(known: &Known, scope: &Scope, channels: &[ChannelName]) -> Result
     }
     if let Target::One(slug) = &scope.service {
         match known.get(slug.as_str()) {
-            None | Some(None) => return Err(WriteError::UnknownService(slug.to_string())),
-            Some(Some(Err(e))) => return Err(e.clone()),
-            Some(Some(Ok(service))) if service.archived => {
+            None => return Err(WriteError::UnknownService(slug.to_string())),
+            Some(Err(e)) => return Err(e.clone()),
+            Some(Ok(service)) if service.archived => {
                 return Err(WriteError::Archived(slug.to_string()));
             }
-            Some(Some(Ok(_))) => {}
+            Some(Ok(_)) => {}
         }
     }
     Ok(())
