@@ -846,6 +846,14 @@ fn postgres_outage_keeps_checks_and_refuses_writes() {
     }
 }
 
+/// A URL naming both servers, so sidecars follow whichever accepts writes.
+fn failover_url(primary: &Postgres, standby: &Postgres) -> String {
+    format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&connect_timeout=3",
+        primary.port, standby.port
+    )
+}
+
 #[test]
 fn failover_to_a_promoted_standby() {
     const TEST: &str = "failover_to_a_promoted_standby";
@@ -854,10 +862,7 @@ fn failover_to_a_promoted_standby() {
     // Declared after the primary, so it is dropped (stopped) first: its
     // data dir lives in the primary's temporary directory.
     let standby = primary.standby();
-    let url = format!(
-        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&connect_timeout=3",
-        primary.port, standby.port
-    );
+    let url = failover_url(&primary, &standby);
     let a = Node::start(&url);
     let b = Node::start(&url);
     let clients = [a.client(), b.client()];
@@ -985,10 +990,7 @@ fn postgres_behind_a_sidecar_is_refused_not_silently_diverged() {
     let Some(primary) = Postgres::start(TEST) else { return };
     let seed = rule::seed(TEST);
     let standby = primary.standby();
-    let url = format!(
-        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&connect_timeout=3",
-        primary.port, standby.port
-    );
+    let url = failover_url(&primary, &standby);
     let a = Node::start(&url);
     assert_eq!(create_service(a.client(), "rating").status, 201);
     let customers = customers();
