@@ -187,9 +187,11 @@ fn healthz_readyz_and_metrics_answer() {
     let ready = expect(send(c, "GET", "/readyz", None), 200);
     assert_eq!(ready["last_seq"], w["seq"], "readyz reports the last sequence number");
     assert!(!allowed(c, 1, "rating", "email"));
-    let batch = json!({"checks": [{"customer": 1, "service": "rating", "channel": "sms"},
+    // The batch answers each check in order: 1 is opted out of rating email,
+    // 2 is not.
+    let batch = json!({"checks": [{"customer": 1, "service": "rating", "channel": "email"},
                                   {"customer": 2, "service": "rating", "channel": "email"}]});
-    expect(send(c, "POST", "/v1/check", Some(&batch)), 200);
+    assert_eq!(expect(send(c, "POST", "/v1/check", Some(&batch)), 200), json!({"results": [false, true]}));
 
     let m = send(c, "GET", "/metrics", None);
     assert_eq!(m.status, 200);
@@ -1553,6 +1555,7 @@ fn concurrent_writes_are_all_acknowledged_and_audited_in_order() {
         .map(|t| {
             let c = c.clone();
             std::thread::spawn(move || {
+                // (seq, customer, service, channel, status) of each acknowledged write.
                 let mut mine = Vec::new();
                 for i in 0..EACH {
                     let customer = t * 1000 + i;
@@ -1561,10 +1564,11 @@ fn concurrent_writes_are_all_acknowledged_and_audited_in_order() {
                     let w = put(&c, &customer.to_string(), s, h, "opted_out");
                     assert_eq!(w["customer"], json!(customer));
                     let seq = w["seq"].as_u64().unwrap();
-                    mine.push((seq, customer, s.to_owned(), h.to_owned()));
+                    mine.push((seq, customer, s, h, "opted_out"));
                     let status = if (t + i) % 2 == 0 { "opted_out" } else { "opted_in" };
                     let w = put(&c, &shared.to_string(), "rating", "email", status);
-                    mine.push((w["seq"].as_u64().unwrap(), shared, "rating".into(), status.into()));
+                    assert_eq!(w["customer"], json!(shared));
+                    mine.push((w["seq"].as_u64().unwrap(), shared, "rating", "email", status));
                 }
                 mine
             })
@@ -1582,21 +1586,18 @@ fn concurrent_writes_are_all_acknowledged_and_audited_in_order() {
     let distinct: BTreeSet<u64> = writes.iter().map(|w| w.0).collect();
     assert_eq!(distinct.len(), total, "every acknowledged write has its own seq");
 
+    // Every acknowledged write, the shared customer's too, is the audit
+    // entry of its seq: same customer, scope and resulting status.
     let entries = all_audit(&c, 37);
     let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "audit seqs strictly increase");
     assert_eq!(seqs.iter().copied().collect::<BTreeSet<_>>(), distinct, "every write is in the audit log");
     let by_seq: BTreeMap<u64, &Value> = entries.iter().map(|e| (e["seq"].as_u64().unwrap(), e)).collect();
-    for (seq, customer, s, h) in &writes {
+    for (seq, customer, s, h, status) in &writes {
         let e = by_seq[seq];
-        assert_eq!(e["customer"], json!(customer));
-        if *customer != shared {
-            assert_eq!(
-                (e["service"].as_str().unwrap(), e["channel"].as_str().unwrap()),
-                (s.as_str(), h.as_str())
-            );
-            assert_eq!(e["after"], "opted_out");
-        }
+        assert_eq!(e["customer"], json!(customer), "{e}");
+        assert_eq!((e["service"].as_str(), e["channel"].as_str()), (Some(*s), Some(*h)), "{e}");
+        assert_eq!(e["after"], *status, "{e}");
     }
     // Every other customer is opted out where the write said.
     for t in 0..THREADS {
@@ -1606,13 +1607,20 @@ fn concurrent_writes_are_all_acknowledged_and_audited_in_order() {
             assert!(!allowed(&c, t * 1000 + i, s, h), "customer {} {s}/{h}", t * 1000 + i);
         }
     }
-    // The shared customer's writes were applied one after another: each
-    // entry's `before` is the previous entry's `after`, and the last decides.
+    // The shared customer's writes were applied one after another, in seq
+    // order: the history is exactly those writes, each entry's `after` is
+    // what that write set, its `before` the previous entry's `after`, and
+    // the last decides.
+    let mut ours: Vec<(u64, &str)> =
+        writes.iter().filter(|w| w.1 == shared).map(|&(seq, _, _, _, status)| (seq, status)).collect();
+    ours.sort_unstable();
     let history = expect(send(&c, "GET", &format!("/v1/customers/{shared}/audit"), None), 200);
     let history = history["entries"].as_array().unwrap();
-    assert_eq!(history.len(), (THREADS * EACH) as usize);
+    assert_eq!(history.len(), ours.len());
     let mut before = Value::Null;
-    for e in history {
+    for (e, (seq, status)) in history.iter().zip(&ours) {
+        assert_eq!(e["seq"], *seq, "{e}");
+        assert_eq!(e["after"], *status, "{e}");
         assert_eq!(e["before"], before, "{e}");
         before = e["after"].clone();
     }

@@ -84,18 +84,82 @@ fn dockerfile_is_multi_stage_non_root_with_volume_and_health_check() {
     assert!(out.status.success(), "hadolint:\n{}", text(&out));
 }
 
+/// A one-request-at-a-time HTTP server on loopback that answers each path
+/// with the status `answer` gives it, and records every request line.
+struct FakeSidecar {
+    addr: std::net::SocketAddr,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeSidecar {
+    fn start(answer: fn(&str) -> u16) -> FakeSidecar {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        // The thread ends with the test process; it only ever serves loopback.
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                // Read the rest of the head; a GET has no body.
+                let mut header = String::new();
+                while reader.read_line(&mut header).is_ok_and(|n| n > 0) && header != "\r\n" {
+                    header.clear();
+                }
+                let line = line.trim_end().to_owned();
+                let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push(line);
+                let status = answer(&path);
+                let body = format!("{{\"status\":\"{status}\"}}");
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FakeSidecar { addr, asked }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
 #[test]
 fn the_health_check_command_asks_readyz() {
-    let app = util::spawn_app();
     let health = |url: &str| {
         run(Command::new(env!("CARGO_BIN_EXE_prefsd"))
             .args(["--url", url, "health"])
-            .env_remove("PREFSD_URL"))
+            .env_remove("PREFSD_URL")
+            .env_remove("PREFSD_KEY"))
     };
+    // A real sidecar is healthy; nothing listening is not.
+    let app = util::spawn_app();
     let up = health(&format!("http://{}", app.addr));
     assert!(up.status.success(), "{}", text(&up));
     let down = health(&format!("http://127.0.0.1:{}", util::free_port()));
     assert_eq!(down.status.code(), Some(1), "{}", text(&down));
+
+    // Alive but not ready (the state a restarting sidecar is in while it
+    // replays its log): /healthz says 200, /readyz 503. The command must
+    // ask /readyz, so it fails.
+    let starting = FakeSidecar::start(|path| if path == "/readyz" { 503 } else { 200 });
+    let out = health(&format!("http://{}", starting.addr));
+    assert_eq!(out.status.code(), Some(1), "a sidecar whose /readyz is 503 passed: {}", text(&out));
+    assert_eq!(starting.asked(), ["GET /readyz HTTP/1.1"]);
+
+    // Ready, and /readyz is the only path that answers 200: it passes.
+    let ready = FakeSidecar::start(|path| if path == "/readyz" { 200 } else { 404 });
+    let out = health(&format!("http://{}", ready.addr));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(ready.asked(), ["GET /readyz HTTP/1.1"]);
 }
 
 #[test]

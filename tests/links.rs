@@ -477,15 +477,24 @@ fn one_click_form_encoded_and_multipart_touch_only_the_tokens_scope() {
     // A POST that is neither one-click nor a page form changes nothing.
     let path = link(&h, 3, "rating", "email");
     let before = audit(&h);
+    // Each is told to the person as a page that says it did not work, and
+    // why, with nothing to submit.
+    let refused = |r: &Resp, status: u16, why: &str| {
+        assert_eq!(r.status, status, "{}", r.text());
+        assert_recipient_headers(r);
+        let html = r.text();
+        assert!(html.contains("That did not work"), "{html}");
+        assert!(html.contains(why), "{why:?} is not said: {html}");
+        assert!(!html.contains("unsubscribed") && !html.contains("<form"), "{html}");
+    };
     for body in ["List-Unsubscribe=Nope", "", "list-unsubscribe=one-click"] {
         let r = h.send("POST", &path, &[], Some((FORM, body.as_bytes().to_vec())));
-        assert_eq!(r.status, 400, "{body:?}: {}", r.text());
-        assert_recipient_headers(&r);
+        refused(&r, 400, "The form could not be understood");
     }
     let r = h.send("POST", &path, &[], Some((JSON, br#"{"List-Unsubscribe":"One-Click"}"#.to_vec())));
-    assert_eq!(r.status, 415, "{}", r.text());
+    refused(&r, 415, "is not accepted here");
     let r = h.send("POST", &path, &[], Some(("multipart/form-data; boundary=x", b"--x\r\nbroken".to_vec())));
-    assert_eq!(r.status, 400, "{}", r.text());
+    refused(&r, 400, "the multipart body could not be read");
     assert_eq!(audit(&h), before);
     assert!(allowed(&h, 3, "rating", "email"));
 }
@@ -619,7 +628,8 @@ fn the_page_changes_nothing_and_is_sent_with_protective_headers() {
 
     // Only GET, HEAD and POST are routes of a link.
     for method in ["PUT", "DELETE", "PATCH"] {
-        assert_eq!(h.send(method, &path, &[], None).status, 405, "{method}");
+        let message = expect_error(&h.send(method, &path, &[], None), 405, "method_not_allowed");
+        assert_eq!(message, "this route accepts GET, POST", "{method}");
     }
     assert_eq!(audit(&h), audit_before);
 }
@@ -633,16 +643,22 @@ fn hostile_names_and_reasons_are_escaped_and_reasons_stored_as_given() {
     create_service(&h, "evil", name);
     let path = link(&h, 50, "evil", "email");
 
-    let check_html = |html: &str| {
+    // No raw copy of any part of the name, anywhere on the page; where the
+    // page shows the name, it shows the escaped form.
+    let check_html = |html: &str, shows_name: bool| {
         let lower = html.to_ascii_lowercase();
         assert!(!lower.contains("<script"), "{html}");
         assert!(!lower.contains("<img"), "{html}");
-        assert!(!lower.contains("onerror=alert(2)>") || lower.contains("onerror=alert(2)&gt;"), "{html}");
+        assert!(!lower.contains("onerror=alert(2)>"), "a raw `>` of the name: {html}");
+        assert!(!lower.contains("\"'&<"), "a raw copy of the name: {html}");
+        if shows_name {
+            assert!(lower.contains("onerror=alert(2)&gt;"), "the escaped name is missing: {html}");
+        }
     };
     let page = h.get(&path);
     assert_eq!(page.status, 200);
     let html = page.text();
-    check_html(&html);
+    check_html(&html, true);
     // In the heading and in the list of choices.
     assert!(html.matches(escaped).count() >= 3, "{html}");
 
@@ -655,7 +671,7 @@ fn hostile_names_and_reasons_are_escaped_and_reasons_stored_as_given() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_recipient_headers(&r);
     let confirmation = r.text();
-    check_html(&confirmation);
+    check_html(&confirmation, false);
     assert!(!confirmation.contains("<b>"));
     assert!(confirmation.contains("You are unsubscribed"));
     let stored = format!("Other: {}", text.trim());
@@ -664,7 +680,7 @@ fn hostile_names_and_reasons_are_escaped_and_reasons_stored_as_given() {
     assert_eq!(entry["service"], "evil");
     assert_eq!(records(&h, 50)[0]["reason"], stored.as_str());
     // The page shown afterwards is still clean.
-    check_html(&h.get(&path).text());
+    check_html(&h.get(&path).text(), true);
 
     // Free text alone is kept as given (trimmed); a chosen reason alone too.
     let overlong = "é".repeat(700);
@@ -1121,8 +1137,17 @@ fn unlisted_keys_are_refused_and_rotation_keeps_old_tokens_valid() {
         let signer = Tokens::new(vec![stranger], 180 * DAY).unwrap();
         let forged = signer.issue(CustomerId(112), &scope("*", "*"), now).unwrap();
         let path = format!("/u/{forged}");
-        assert_eq!(h.get(&path).status, 404);
-        assert_eq!(h.one_click(&path).status, 404);
+        // Both answer the invalid-link page, which shows nothing of the
+        // token's scope and offers nothing to submit.
+        for r in [h.get(&path), h.one_click(&path)] {
+            assert_eq!(r.status, 404, "{}", r.text());
+            assert_recipient_headers(&r);
+            let html = r.text();
+            assert!(html.contains("This link is invalid or has expired"), "{html}");
+            for shown in ["unsubscribed", "<form", "Ratings", "Waiting list", "112"] {
+                assert!(!html.contains(shown), "a forged link's page shows {shown:?}: {html}");
+            }
+        }
         let r = h.json("POST", "/v1/tokens/redeem", &json!({"token": forged, "action": "opt_out"}));
         assert_eq!(expect_error(&r, 400, "invalid_token"), INVALID);
     }
