@@ -171,9 +171,37 @@ pub(crate) async fn submit_many<C>(
     out
 }
 
+/// Why events committed elsewhere could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The local store failed (a full disk, an I/O error); retry later.
+    Store(String),
+    /// The events do not follow the last applied one.
+    Gap(String),
+    /// An event's chained checksum differs from the one computed here: the
+    /// log this sidecar applied is not the one PostgreSQL now holds.
+    Diverged(String),
+    /// prefsd is shutting down.
+    Closed,
+}
+
+impl fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApplyError::Store(e) => write!(f, "the local store failed: {e}"),
+            ApplyError::Gap(e) | ApplyError::Diverged(e) => f.write_str(e),
+            ApplyError::Closed => f.write_str("prefsd is shutting down"),
+        }
+    }
+}
+
+/// An event committed elsewhere, with its sequence number and chained checksum.
+pub type Committed = (u64, Event, u64);
+
 enum Command {
     Write(Op, Reply),
-    Apply(Vec<(u64, Event)>, oneshot::Sender<Result<u64, String>>),
+    Apply(Vec<Committed>, oneshot::Sender<Result<u64, ApplyError>>),
+    Rewind(u64, u64, oneshot::Sender<Result<(), String>>),
     Snapshot,
     Close(oneshot::Sender<()>),
 }
@@ -239,13 +267,22 @@ impl Writer {
 
     /// Applies events that were committed elsewhere (PostgreSQL), in order,
     /// in one local transaction; events at or below the local sequence are
-    /// skipped, so each is applied exactly once. Returns the new local sequence.
-    pub async fn apply(&self, events: Vec<(u64, Event)>) -> Result<u64, String> {
+    /// skipped, so each is applied exactly once. Each event's chained
+    /// checksum is checked against the one computed from the last applied
+    /// event's, and the last is stored with `last_seq`. Returns the new
+    /// local sequence.
+    pub async fn apply(&self, events: Vec<Committed>) -> Result<u64, ApplyError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Apply(events, reply))
-            .await
-            .map_err(|_| "prefsd is shutting down".to_owned())?;
+        self.tx.send(Command::Apply(events, reply)).await.map_err(|_| ApplyError::Closed)?;
+        rx.await.map_err(|_| ApplyError::Closed)?
+    }
+
+    /// Cluster mode's resynchronisation: drops every event after `keep`
+    /// (whose checksum is `chain`), rebuilds records, services and the
+    /// index from what is kept, and publishes `keep` as the applied sequence.
+    pub async fn rewind(&self, keep: u64, chain: u64) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Rewind(keep, chain, reply)).await.map_err(|_| "prefsd is shutting down")?;
         rx.await.map_err(|_| "prefsd is shutting down".to_owned())?
     }
 
@@ -304,11 +341,13 @@ impl State {
             let mut close = None;
             let mut snapshot = false;
             let mut applies = Vec::new();
+            let mut rewind = None;
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
                 match cmd {
                     Command::Write(op, reply) => batch.push((op, reply)),
                     Command::Apply(events, reply) => applies.push((events, reply)),
+                    Command::Rewind(keep, chain, reply) => rewind = Some((keep, chain, reply)),
                     Command::Snapshot => snapshot = true,
                     Command::Close(done) => close = Some(done),
                 }
@@ -321,6 +360,9 @@ impl State {
             }
             for (events, reply) in applies {
                 let _ = reply.send(self.apply_events(events));
+            }
+            if let Some((keep, chain, reply)) = rewind {
+                let _ = reply.send(self.rewind(keep, chain));
             }
             if snapshot || close.is_some() {
                 self.snapshot();
@@ -342,23 +384,41 @@ impl State {
         }
     }
 
-    fn apply_events(&mut self, events: Vec<(u64, Event)>) -> Result<u64, String> {
+    fn apply_events(&mut self, events: Vec<Committed>) -> Result<u64, ApplyError> {
         let started = Instant::now();
+        let store_error = |e: StoreError| ApplyError::Store(e.to_string());
         // PostgreSQL holds these durably: fsync locally at most once a
         // second; a crash loses at most that second, fetched again on start.
         let durable = self.last_durable.elapsed() >= LOCAL_FSYNC_INTERVAL;
-        let mut txn = self.store.begin_with(durable).map_err(|e| e.to_string())?;
+        let mut txn = self.store.begin_with(durable).map_err(store_error)?;
+        let mut chain = txn.chain().map_err(store_error)?;
         let mut applied = Vec::with_capacity(events.len());
-        let mut tables = txn.tables().map_err(|e| e.to_string())?;
-        for (seq, event) in events {
+        let mut tables = txn.tables().map_err(store_error)?;
+        for (seq, event, theirs) in events {
             let next = tables.next_seq();
             if seq < next {
                 continue;
             }
             if seq > next {
-                return Err(format!("event {seq} arrived before event {next}: refusing to skip"));
+                return Err(ApplyError::Gap(format!(
+                    "event {seq} arrived before event {next}: refusing to skip"
+                )));
             }
-            tables.append(&event).map_err(|e| e.to_string())?;
+            // A data directory from before checksums (or an empty one)
+            // takes the first checksum it is given on trust.
+            let ours = match chain {
+                Some(prev) => crate::cluster::chain::next(prev, seq, &event),
+                None if seq == 1 => crate::cluster::chain::next(0, seq, &event),
+                None => theirs,
+            };
+            if ours != theirs {
+                return Err(ApplyError::Diverged(format!(
+                    "event {seq} in postgres does not follow the events this sidecar applied before it \
+                     (checksum {theirs:016x}, expected {ours:016x})"
+                )));
+            }
+            chain = Some(ours);
+            tables.append(&event).map_err(store_error)?;
             applied.push(event);
         }
         drop(tables);
@@ -366,7 +426,10 @@ impl State {
         if applied.is_empty() {
             return Ok(last);
         }
-        txn.commit().map_err(|e| e.to_string())?;
+        if let Some(chain) = chain {
+            txn.set_chain(chain).map_err(store_error)?;
+        }
+        txn.commit().map_err(store_error)?;
         if durable {
             self.last_durable = Instant::now();
         }
@@ -385,6 +448,20 @@ impl State {
         self.metrics.set_last_seq(last);
         self.applied.send_replace(last);
         Ok(last)
+    }
+
+    fn rewind(&mut self, keep: u64, chain: u64) -> Result<(), String> {
+        self.store.rewind(keep, chain).map_err(|e| e.to_string())?;
+        let channels = self.index.read().expect("index lock").channels().to_vec();
+        let index = self.store.rebuild_index(&channels).map_err(|e| e.to_string())?;
+        let services = self.store.services().map_err(|e| e.to_string())?;
+        *self.index.write().expect("index lock") = index;
+        self.services = services.into_iter().map(|s| (s.slug.clone(), s)).collect();
+        self.snapshot_seq = None;
+        self.last_durable = Instant::now();
+        self.metrics.set_last_seq(keep);
+        self.applied.send_replace(keep);
+        Ok(())
     }
 
     fn snapshot(&mut self) {
