@@ -17,10 +17,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{ClusterConfig, ClusterStatus, bounded, chain, schema, unavailable};
-use crate::domain::{
-    ChannelName, Event, Micros, PreferenceChange, Record, Scope, Service, ServiceChange, Status, Target,
-};
-use crate::writer::{Applied, Op, Reply, WriteError, Writer};
+use crate::domain::{ChannelName, CustomerId, Event, Micros, Scope, Service, ServiceSlug, Status, Target};
+use crate::writer::{Applied, Op, Reply, Staging, WriteError, Writer, stage};
 
 struct Statements {
     lock_head: Statement,
@@ -192,7 +190,8 @@ fn micros_param(m: Micros) -> f64 {
     m.0 as f64
 }
 
-/// One group commit. Validation happens here, under the head lock, against
+/// One group commit. Validation happens here, under the head lock, by the
+/// writer's one [`stage`] (the local writer validates with it too) against
 /// the shared state, so every sidecar refuses the same writes. `local_seq`
 /// is the last event this sidecar has applied: a head below it means
 /// PostgreSQL has lost events this sidecar holds, so the sequence numbers it
@@ -224,79 +223,40 @@ async fn commit(
     let mut rows: HashMap<PrefKey, PrefRow> = HashMap::new();
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
-        let now = Micros::now();
-        let result = match op {
-            Op::SetPreference { customer, scope, status, reason, origin } => {
-                if let Err(e) = check_scope(&services, scope, channels) {
-                    results.push(Err(e));
-                    continue;
-                }
-                let key = (customer.0.to_string(), scope.service.to_string(), scope.channel.to_string());
-                let prior = current.get(&key).copied();
-                let created_at = prior.map_or(now, |(_, created)| created);
-                seq += 1;
-                let change = PreferenceChange {
-                    customer: *customer,
-                    scope: scope.clone(),
-                    before: prior.map(|(status, _)| status),
-                    after: *status,
-                    reason: reason.clone(),
-                    origin: origin.clone(),
-                    at: now,
-                };
-                events.push(seq, &Event::Preference(change));
-                current.insert(key.clone(), (*status, created_at));
+        let mut shared = SharedState { services: &services, current: &current };
+        let staged = match stage(&mut shared, op, channels, Micros::now()) {
+            Ok(Ok(staged)) => staged,
+            Ok(Err(e)) => {
+                results.push(Err(e));
+                continue;
+            }
+            Err(never) => match never {},
+        };
+        seq += 1;
+        events.push(seq, &staged.event);
+        match &staged.event {
+            Event::Preference(change) => {
+                let key = pref_key(change.customer, &change.scope);
+                current.insert(key.clone(), (change.after, staged.created_at));
                 // The last write of a key in the batch is the row's state.
                 rows.insert(
                     key,
                     PrefRow {
-                        status: *status,
-                        reason: reason.clone(),
-                        origin: origin.clone(),
-                        created_at,
-                        updated_at: now,
+                        status: change.after,
+                        reason: change.reason.clone(),
+                        origin: change.origin.clone(),
+                        created_at: staged.created_at,
+                        updated_at: change.at,
                         seq,
                     },
                 );
-                let record = Record {
-                    status: *status,
-                    reason: reason.clone(),
-                    source: origin.source.clone(),
-                    created_at,
-                    updated_at: now,
-                    seq: seq as u64,
-                };
-                Ok(Applied::Preference { seq: seq as u64, scope: scope.clone(), record })
             }
-            Op::CreateService { slug, name, description, actor } => {
-                if services.contains_key(slug.as_str()) {
-                    Err(WriteError::ServiceExists(slug.to_string()))
-                } else {
-                    let service = Service {
-                        slug: slug.clone(),
-                        name: name.clone(),
-                        description: description.clone(),
-                        archived: false,
-                        created_at: now,
-                        updated_at: now,
-                    };
-                    seq += 1;
-                    write_service(&txn, s, &mut events, seq, &mut services, service, true, actor).await?
-                }
+            Event::Service(change) => {
+                upsert_service(&txn, s, &change.service).await?;
+                services.insert(change.service.slug.to_string(), Ok(change.service.clone()));
             }
-            Op::UpdateService { slug, name, description, archived, actor } => {
-                match services.get(slug.as_str()).cloned() {
-                    None => Err(WriteError::UnknownService(slug.to_string())),
-                    Some(Err(e)) => Err(e),
-                    Some(Ok(stored)) => {
-                        let service = stored.updated(name.as_ref(), description.as_ref(), *archived, now);
-                        seq += 1;
-                        write_service(&txn, s, &mut events, seq, &mut services, service, false, actor).await?
-                    }
-                }
-            }
-        };
-        results.push(result);
+        }
+        results.push(Ok(staged.applied(seq as u64)));
     }
     if seq != start {
         let head = seq.to_string();
@@ -389,7 +349,7 @@ async fn read_preferences(
     let mut keys = std::collections::HashSet::new();
     for op in ops {
         if let Op::SetPreference { customer, scope, .. } = op {
-            keys.insert((customer.0.to_string(), scope.service.to_string(), scope.channel.to_string()));
+            keys.insert(pref_key(*customer, scope));
         }
     }
     let mut out = HashMap::new();
@@ -448,22 +408,13 @@ async fn write_preferences(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn write_service(
+/// Writes a service's current-state row.
+async fn upsert_service(
     txn: &tokio_postgres::Transaction<'_>,
     s: &Statements,
-    events: &mut Events,
-    seq: i64,
-    known: &mut Known,
-    service: Service,
-    created: bool,
-    actor: &str,
-) -> Result<Result<Applied, WriteError>, tokio_postgres::Error> {
-    let body = serde_json::to_string(&service).expect("services serialize");
-    events.push(
-        seq,
-        &Event::Service(ServiceChange { service: service.clone(), created, actor: actor.to_owned() }),
-    );
+    service: &Service,
+) -> Result<(), tokio_postgres::Error> {
+    let body = serde_json::to_string(service).expect("services serialize");
     txn.execute(
         &s.upsert_service,
         &[
@@ -477,25 +428,33 @@ async fn write_service(
         ],
     )
     .await?;
-    known.insert(service.slug.to_string(), Ok(service.clone()));
-    Ok(Ok(Applied::Service { seq: seq as u64, service }))
+    Ok(())
 }
 
-fn check_scope(known: &Known, scope: &Scope, channels: &[ChannelName]) -> Result<(), WriteError> {
-    if let Target::One(c) = &scope.channel
-        && !channels.contains(c)
-    {
-        return Err(WriteError::UnknownChannel(c.to_string()));
+/// The PostgreSQL writer's view for staging: the services and current
+/// preference rows the batch names, as read under the head lock and updated
+/// by the batch so far.
+struct SharedState<'a> {
+    services: &'a Known,
+    current: &'a HashMap<PrefKey, (Status, Micros)>,
+}
+
+impl Staging for SharedState<'_> {
+    type Error = std::convert::Infallible;
+
+    fn service(&self, slug: &ServiceSlug) -> Option<Result<&Service, WriteError>> {
+        self.services.get(slug.as_str()).map(|s| s.as_ref().map_err(Clone::clone))
     }
-    if let Target::One(slug) = &scope.service {
-        match known.get(slug.as_str()) {
-            None => return Err(WriteError::UnknownService(slug.to_string())),
-            Some(Err(e)) => return Err(e.clone()),
-            Some(Ok(service)) if service.archived => {
-                return Err(WriteError::Archived(slug.to_string()));
-            }
-            Some(Ok(_)) => {}
-        }
+
+    fn prior(
+        &mut self,
+        customer: CustomerId,
+        scope: &Scope,
+    ) -> Result<Option<(Status, Micros)>, Self::Error> {
+        Ok(self.current.get(&pref_key(customer, scope)).copied())
     }
-    Ok(())
+}
+
+fn pref_key(customer: CustomerId, scope: &Scope) -> PrefKey {
+    (customer.0.to_string(), scope.service.to_string(), scope.channel.to_string())
 }
