@@ -114,6 +114,8 @@ pub(super) async fn run(
 ) {
     let mut conn: Option<Conn> = None;
     let mut batch: Vec<(Op, Reply)> = Vec::new();
+    // Whether the last attempt failed: logged once per change.
+    let mut failing = false;
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < config.max_batch.max(1) {
@@ -138,10 +140,7 @@ pub(super) async fn run(
             conn = match bounded(config.timeout, "connecting", open(&pg)).await {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::warn!(error = %e, "postgres unreachable; refusing writes");
-                    for (_, reply) in batch.drain(..) {
-                        let _ = reply.send(Err(unavailable(&e)));
-                    }
+                    failing = refuse(&mut batch, &mut rx, &e, failing);
                     continue;
                 }
             };
@@ -151,6 +150,9 @@ pub(super) async fn run(
         let local_seq = *local.applied().borrow();
         match bounded(config.timeout, "committing", commit(c, &ops, &config.channels, local_seq)).await {
             Ok(results) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("postgres takes writes again");
+                }
                 nudge.notify_one();
                 // Answer once applied locally, without holding up the next
                 // group commit: PostgreSQL commits and local applies overlap.
@@ -175,15 +177,34 @@ pub(super) async fn run(
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "postgres transaction failed; refusing this batch");
                 // A timed-out connection may be stuck mid-transaction: drop it.
                 conn = None;
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(unavailable(&e)));
-                }
+                failing = refuse(&mut batch, &mut rx, &e, failing);
             }
         }
     }
+}
+
+/// Refuses the batch and everything queued behind it (each would wait for
+/// its own attempt to fail otherwise), logging when writes start failing;
+/// returns that writes are failing.
+fn refuse(
+    batch: &mut Vec<(Op, Reply)>,
+    rx: &mut mpsc::Receiver<(Op, Reply)>,
+    e: &str,
+    failing: bool,
+) -> bool {
+    if !failing {
+        tracing::warn!(error = %e, "postgres unreachable; refusing writes until it answers again");
+    }
+    let error = unavailable(&e);
+    for (_, reply) in batch.drain(..) {
+        let _ = reply.send(Err(error.clone()));
+    }
+    while let Ok((_, reply)) = rx.try_recv() {
+        let _ = reply.send(Err(error.clone()));
+    }
+    true
 }
 
 fn micros_param(m: Micros) -> f64 {
