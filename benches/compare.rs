@@ -2403,6 +2403,8 @@ struct ClusterFigures {
 async fn cluster_sidecar(dir: &Path, url: &str) -> Result<Sidecar, String> {
     let mut config = Config::for_data_dir(dir.join("data"));
     config.postgres = Some(url.to_owned());
+    // Cluster mode needs shared token keys.
+    config.token_keys = prefsd::config::parse_token_keys("7:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8")?;
     let (sidecar, _) = tokio::task::spawn_blocking(move || Sidecar::start_with(config))
         .await
         .map_err(|e| e.to_string())??;

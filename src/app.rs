@@ -45,6 +45,10 @@ fn token_keys(config: &Config) -> Result<Vec<TokenKey>, String> {
     if !config.token_keys.is_empty() {
         return Ok(config.token_keys.clone());
     }
+    if config.postgres.is_some() {
+        // Config::resolve says so too; this covers a Config built in code.
+        return Err(crate::config::CLUSTER_NEEDS_TOKEN_KEYS.into());
+    }
     use base64::Engine;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -120,9 +124,13 @@ impl App {
                         poll: config.postgres_poll,
                         max_batch: config.commit_batch_max,
                         channels: config.channels.clone(),
+                        timeout: config.postgres_timeout,
+                        unhealthy_after: config.follower_unhealthy,
+                        data: config.data.clone(),
                     },
                     writer.clone(),
                     store.clone(),
+                    metrics.clone(),
                 )?;
                 let status = cluster.status().clone();
                 writer.set_cluster(cluster);
@@ -188,12 +196,20 @@ impl App {
     }
 
     /// Whether the sidecar takes traffic: loaded, not shutting down, and in
-    /// cluster mode caught up with PostgreSQL at least once.
+    /// cluster mode following PostgreSQL, caught up and not diverged.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)
-            && self.inner.cluster.as_ref().is_none_or(|c| {
-                c.caught_up.load(Ordering::Acquire) && c.fatal.lock().expect("status lock").is_none()
-            })
+            && self
+                .inner
+                .cluster
+                .as_ref()
+                .is_none_or(|c| c.not_ready(*self.inner.writer.applied().borrow()).is_none())
+    }
+
+    /// Why the process should be restarted, if it should: in cluster mode,
+    /// the follower has not been able to apply events for longer than the bound.
+    pub fn unhealthy(&self) -> Option<String> {
+        self.inner.cluster.as_ref().and_then(|c| c.unhealthy())
     }
 
     /// Cluster mode's follower status, if in cluster mode.

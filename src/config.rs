@@ -84,6 +84,12 @@ pub struct ServeArgs {
     /// Milliseconds between polls of the PostgreSQL event log when no NOTIFY arrives [default: 500].
     #[arg(long, env = "PREFSD_POSTGRES_POLL_MS")]
     pub postgres_poll_ms: Option<u64>,
+    /// Milliseconds a write may wait on PostgreSQL before it is answered 503 [default: 10000].
+    #[arg(long, env = "PREFSD_POSTGRES_TIMEOUT_MS")]
+    pub postgres_timeout_ms: Option<u64>,
+    /// Seconds the follower may fail to apply events before /healthz fails [default: 60].
+    #[arg(long, env = "PREFSD_FOLLOWER_UNHEALTHY_SECS")]
+    pub follower_unhealthy_secs: Option<u64>,
 }
 
 /// The TOML file: every key optional, same names as the flags with `_`.
@@ -112,6 +118,8 @@ pub struct FileConfig {
     rate_limit_burst: Option<u32>,
     postgres: Option<String>,
     postgres_poll_ms: Option<u64>,
+    postgres_timeout_ms: Option<u64>,
+    follower_unhealthy_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +136,11 @@ struct FileKey {
     role: String,
     sha256: String,
 }
+
+/// Why cluster mode refuses to start without configured token keys.
+pub const CLUSTER_NEEDS_TOKEN_KEYS: &str = "cluster mode (postgres) needs token keys shared by every sidecar, \
+    or a link issued by one is refused by the others: generate a key with `prefsd token generate` and give \
+    every sidecar the same token_keys (PREFSD_TOKEN_KEYS or token_keys_file)";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +192,10 @@ pub struct Config {
     pub postgres: Option<String>,
     /// Poll interval of the event log.
     pub postgres_poll: Duration,
+    /// The bound on every PostgreSQL call a write waits for.
+    pub postgres_timeout: Duration,
+    /// How long the follower may fail to apply before `/healthz` fails.
+    pub follower_unhealthy: Duration,
 }
 
 /// An address range, `10.0.0.0/8` or a single address.
@@ -427,6 +444,18 @@ impl Config {
                  add keys (see `prefsd key generate`) or listen on 127.0.0.1"
             ));
         }
+        let postgres = args.postgres.clone().or(file.postgres).filter(|u| !u.trim().is_empty());
+        if postgres.is_some() && token_keys.is_empty() {
+            // A key generated per data directory would make every sidecar
+            // refuse the links the others issue.
+            errors.push(CLUSTER_NEEDS_TOKEN_KEYS.into());
+        }
+        let postgres_timeout = Duration::from_millis(
+            args.postgres_timeout_ms.or(file.postgres_timeout_ms).unwrap_or(10_000).max(10),
+        );
+        let follower_unhealthy = Duration::from_secs(
+            args.follower_unhealthy_secs.or(file.follower_unhealthy_secs).unwrap_or(60).max(1),
+        );
         if !errors.is_empty() {
             return Err(errors.join("\n"));
         }
@@ -448,10 +477,12 @@ impl Config {
             trusted_proxies,
             rate_limit_per_minute,
             rate_limit_burst,
-            postgres: args.postgres.clone().or(file.postgres).filter(|u| !u.trim().is_empty()),
+            postgres,
             postgres_poll: Duration::from_millis(
                 args.postgres_poll_ms.or(file.postgres_poll_ms).unwrap_or(500).max(10),
             ),
+            postgres_timeout,
+            follower_unhealthy,
         })
     }
 }
@@ -459,6 +490,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_mode_needs_token_keys() {
+        let args = ServeArgs { postgres: Some("postgresql://db/prefs".into()), ..ServeArgs::default() };
+        let e = Config::resolve(&args, FileConfig::default()).unwrap_err();
+        assert!(e.contains("prefsd token generate"), "{e}");
+        let key = format!("1:{}", "A".repeat(43));
+        let args = ServeArgs { token_keys: Some(vec![key]), ..args };
+        let c = Config::resolve(&args, FileConfig::default()).unwrap();
+        assert_eq!(c.postgres_timeout, Duration::from_secs(10));
+        assert_eq!(c.follower_unhealthy, Duration::from_secs(60));
+    }
 
     #[test]
     fn defaults_are_loopback_and_two_channels() {

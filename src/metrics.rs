@@ -352,6 +352,11 @@ struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -426,6 +431,8 @@ pub struct Metrics {
     replication_lag: Gauge<u64, AtomicU64>,
     /// Cluster mode: 1 while the follower's PostgreSQL connection is up.
     postgres_up: Gauge,
+    /// Cluster mode: the follower's errors, by kind.
+    follower_errors: Family<KindLabels, Counter>,
     /// Ids per filter request: JSON, roaring.
     filter_sizes: [Histogram; 2],
     /// `[via][result]`, resolved once.
@@ -471,6 +478,12 @@ impl Metrics {
             postgres_up.clone(),
         );
 
+        let follower_errors = Family::<KindLabels, Counter>::default();
+        sub.register(
+            "follower_errors",
+            "Cluster mode: errors of the PostgreSQL follower, by kind (connect, fetch, decode, gap, apply, disk_full, diverged, resync)",
+            follower_errors.clone(),
+        );
         let filters = Family::<FormatLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(1.0, 10.0, 8))
         });
@@ -507,6 +520,7 @@ impl Metrics {
             last_seq,
             replication_lag,
             postgres_up,
+            follower_errors,
             filter_sizes,
             redemptions,
             rate_limited,
@@ -564,6 +578,11 @@ impl Metrics {
     pub fn observe_commit(&self, took: Duration, ops: usize) {
         self.commit_seconds.observe(took.as_secs_f64());
         self.commit_batch.observe(ops as f64);
+    }
+
+    /// Cluster mode: counts one follower error of `kind`.
+    pub fn count_follower_error(&self, kind: &'static str) {
+        self.follower_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Cluster mode: the replication lag and whether PostgreSQL is reachable.

@@ -690,3 +690,72 @@ impl Batch<'_> {
         Ok(())
     }
 }
+
+// Cluster mode: the chained checksum of the last applied event
+// (see `crate::cluster::chain`), kept beside `last_seq` in `meta`.
+impl Store {
+    /// The last applied sequence number and its chained checksum (`None`
+    /// for a data directory written before checksums existed), read together.
+    pub fn chain_state(&self) -> Result<(u64, Option<u64>), StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let last = meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0);
+        Ok((last, meta.get("chain")?.map(|v| v.value())))
+    }
+
+    /// Cluster mode's resynchronisation: keeps events up to `keep` (which
+    /// PostgreSQL holds too, with checksum `chain` at `keep`), drops every
+    /// later one, and rebuilds records, services and the customer index from
+    /// the kept events, in one durable commit. The snapshot is dropped: the
+    /// caller rebuilds the index from the records.
+    pub fn rewind(&self, keep: u64, chain: u64) -> Result<(), StoreError> {
+        let kept = {
+            let txn = self.db.begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let mut kept = Vec::new();
+            for row in events.range(..=keep)? {
+                let (k, v) = row?;
+                kept.push((k.value(), decode::<Event>(v.value())?));
+            }
+            kept
+        };
+        let mut batch = self.start(Commit::Immediate)?;
+        {
+            let txn = &batch.txn;
+            txn.open_table(RECORDS)?.retain(|_, _| false)?;
+            txn.open_table(CUSTOMER_EVENTS)?.retain(|_, _| false)?;
+            txn.open_table(SERVICES)?.retain(|_, _| false)?;
+            txn.open_table(EVENTS)?.retain(|_, _| false)?;
+            txn.open_table(SNAPSHOT)?.retain(|_, _| false)?;
+        }
+        batch.next_seq = 1;
+        let mut tables = batch.tables()?;
+        for (seq, event) in kept {
+            if seq != tables.next_seq() {
+                return Err(StoreError::Corrupt(format!(
+                    "event {seq} follows event {}",
+                    tables.next_seq() - 1
+                )));
+            }
+            tables.append(&event)?;
+        }
+        drop(tables);
+        batch.set_chain(chain)?;
+        batch.commit()
+    }
+}
+
+impl Batch<'_> {
+    /// The chained checksum of the last event committed before this batch.
+    pub fn chain(&self) -> Result<Option<u64>, StoreError> {
+        let meta = self.txn.open_table(META)?;
+        Ok(meta.get("chain")?.map(|v| v.value()))
+    }
+
+    /// Records the chained checksum of the batch's last event.
+    pub fn set_chain(&self, chain: u64) -> Result<(), StoreError> {
+        let mut meta = self.txn.open_table(META)?;
+        meta.insert("chain", chain)?;
+        Ok(())
+    }
+}

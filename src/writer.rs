@@ -7,6 +7,14 @@
 //! applies the committed events to the index in sequence order and only
 //! then answers each request. So an acknowledged write is on disk and
 //! visible to checks, and concurrent writers share one commit.
+//!
+//! There is one write path: [`stage`] validates every write and turns it
+//! into its event, in both modes. The local writer appends the staged events
+//! to redb and the write-ahead log; in cluster mode the PostgreSQL writer
+//! (`crate::cluster`) stages with the same function against the rows it read
+//! under its lock and appends them to PostgreSQL's log, so the two modes
+//! cannot drift apart. Events committed in PostgreSQL come back through
+//! [`Writer::apply`], checksum-checked, in order.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,8 +25,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::domain::{
-    CustomerId, Event, Micros, Origin, PreferenceChange, Record, Scope, Service, ServiceChange, ServiceSlug,
-    Status, Target,
+    ChannelName, CustomerId, Event, Micros, Origin, PreferenceChange, Record, Scope, Service, ServiceChange,
+    ServiceSlug, Status, Target,
 };
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -171,9 +179,37 @@ pub(crate) async fn submit_many<C>(
     out
 }
 
+/// Why events committed elsewhere could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The local store failed (a full disk, an I/O error); retry later.
+    Store(String),
+    /// The events do not follow the last applied one.
+    Gap(String),
+    /// An event's chained checksum differs from the one computed here: the
+    /// log this sidecar applied is not the one PostgreSQL now holds.
+    Diverged(String),
+    /// prefsd is shutting down.
+    Closed,
+}
+
+impl fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApplyError::Store(e) => write!(f, "the local store failed: {e}"),
+            ApplyError::Gap(e) | ApplyError::Diverged(e) => f.write_str(e),
+            ApplyError::Closed => f.write_str("prefsd is shutting down"),
+        }
+    }
+}
+
+/// An event committed elsewhere, with its sequence number and chained checksum.
+pub type Committed = (u64, Event, u64);
+
 enum Command {
     Write(Op, Reply),
-    Apply(Vec<(u64, Event)>, oneshot::Sender<Result<u64, String>>),
+    Apply(Vec<Committed>, oneshot::Sender<Result<u64, ApplyError>>),
+    Rewind(u64, u64, oneshot::Sender<Result<(), String>>),
     Snapshot,
     Close(oneshot::Sender<()>),
 }
@@ -239,13 +275,22 @@ impl Writer {
 
     /// Applies events that were committed elsewhere (PostgreSQL), in order,
     /// in one local transaction; events at or below the local sequence are
-    /// skipped, so each is applied exactly once. Returns the new local sequence.
-    pub async fn apply(&self, events: Vec<(u64, Event)>) -> Result<u64, String> {
+    /// skipped, so each is applied exactly once. Each event's chained
+    /// checksum is checked against the one computed from the last applied
+    /// event's, and the last is stored with `last_seq`. Returns the new
+    /// local sequence.
+    pub async fn apply(&self, events: Vec<Committed>) -> Result<u64, ApplyError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Apply(events, reply))
-            .await
-            .map_err(|_| "prefsd is shutting down".to_owned())?;
+        self.tx.send(Command::Apply(events, reply)).await.map_err(|_| ApplyError::Closed)?;
+        rx.await.map_err(|_| ApplyError::Closed)?
+    }
+
+    /// Cluster mode's resynchronisation: drops every event after `keep`
+    /// (whose checksum is `chain`), rebuilds records, services and the
+    /// index from what is kept, and publishes `keep` as the applied sequence.
+    pub async fn rewind(&self, keep: u64, chain: u64) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Rewind(keep, chain, reply)).await.map_err(|_| "prefsd is shutting down")?;
         rx.await.map_err(|_| "prefsd is shutting down".to_owned())?
     }
 
@@ -304,11 +349,13 @@ impl State {
             let mut close = None;
             let mut snapshot = false;
             let mut applies = Vec::new();
+            let mut rewind = None;
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
                 match cmd {
                     Command::Write(op, reply) => batch.push((op, reply)),
                     Command::Apply(events, reply) => applies.push((events, reply)),
+                    Command::Rewind(keep, chain, reply) => rewind = Some((keep, chain, reply)),
                     Command::Snapshot => snapshot = true,
                     Command::Close(done) => close = Some(done),
                 }
@@ -321,6 +368,9 @@ impl State {
             }
             for (events, reply) in applies {
                 let _ = reply.send(self.apply_events(events));
+            }
+            if let Some((keep, chain, reply)) = rewind {
+                let _ = reply.send(self.rewind(keep, chain));
             }
             if snapshot || close.is_some() {
                 self.snapshot();
@@ -342,23 +392,41 @@ impl State {
         }
     }
 
-    fn apply_events(&mut self, events: Vec<(u64, Event)>) -> Result<u64, String> {
+    fn apply_events(&mut self, events: Vec<Committed>) -> Result<u64, ApplyError> {
         let started = Instant::now();
+        let store_error = |e: StoreError| ApplyError::Store(e.to_string());
         // PostgreSQL holds these durably: fsync locally at most once a
         // second; a crash loses at most that second, fetched again on start.
         let durable = self.last_durable.elapsed() >= LOCAL_FSYNC_INTERVAL;
-        let mut txn = self.store.begin_with(durable).map_err(|e| e.to_string())?;
+        let mut txn = self.store.begin_with(durable).map_err(store_error)?;
+        let mut chain = txn.chain().map_err(store_error)?;
         let mut applied = Vec::with_capacity(events.len());
-        let mut tables = txn.tables().map_err(|e| e.to_string())?;
-        for (seq, event) in events {
+        let mut tables = txn.tables().map_err(store_error)?;
+        for (seq, event, theirs) in events {
             let next = tables.next_seq();
             if seq < next {
                 continue;
             }
             if seq > next {
-                return Err(format!("event {seq} arrived before event {next}: refusing to skip"));
+                return Err(ApplyError::Gap(format!(
+                    "event {seq} arrived before event {next}: refusing to skip"
+                )));
             }
-            tables.append(&event).map_err(|e| e.to_string())?;
+            // A data directory from before checksums (or an empty one)
+            // takes the first checksum it is given on trust.
+            let ours = match chain {
+                Some(prev) => crate::cluster::chain::next(prev, seq, &event),
+                None if seq == 1 => crate::cluster::chain::next(0, seq, &event),
+                None => theirs,
+            };
+            if ours != theirs {
+                return Err(ApplyError::Diverged(format!(
+                    "event {seq} in postgres does not follow the events this sidecar applied before it \
+                     (checksum {theirs:016x}, expected {ours:016x})"
+                )));
+            }
+            chain = Some(ours);
+            tables.append(&event).map_err(store_error)?;
             applied.push(event);
         }
         drop(tables);
@@ -366,7 +434,10 @@ impl State {
         if applied.is_empty() {
             return Ok(last);
         }
-        txn.commit().map_err(|e| e.to_string())?;
+        if let Some(chain) = chain {
+            txn.set_chain(chain).map_err(store_error)?;
+        }
+        txn.commit().map_err(store_error)?;
         if durable {
             self.last_durable = Instant::now();
         }
@@ -385,6 +456,20 @@ impl State {
         self.metrics.set_last_seq(last);
         self.applied.send_replace(last);
         Ok(last)
+    }
+
+    fn rewind(&mut self, keep: u64, chain: u64) -> Result<(), String> {
+        self.store.rewind(keep, chain).map_err(|e| e.to_string())?;
+        let channels = self.index.read().expect("index lock").channels().to_vec();
+        let index = self.store.rebuild_index(&channels).map_err(|e| e.to_string())?;
+        let services = self.store.services().map_err(|e| e.to_string())?;
+        *self.index.write().expect("index lock") = index;
+        self.services = services.into_iter().map(|s| (s.slug.clone(), s)).collect();
+        self.snapshot_seq = None;
+        self.last_durable = Instant::now();
+        self.metrics.set_last_seq(keep);
+        self.applied.send_replace(keep);
+        Ok(())
     }
 
     fn snapshot(&mut self) {
@@ -458,85 +543,278 @@ impl State {
         let mut results = Vec::with_capacity(batch.len());
         let channels = self.index.read().expect("index lock").channels().to_vec();
         for (op, _) in batch {
-            let now = Micros::now();
-            let result = match op {
-                Op::SetPreference { customer, scope, status, reason, origin } => {
-                    if let Err(e) = self.check_scope(scope, &channels) {
-                        results.push(Err(e));
-                        continue;
-                    }
-                    let before = tables.record(*customer, scope)?;
-                    let event = Event::Preference(PreferenceChange {
-                        customer: *customer,
-                        scope: scope.clone(),
-                        before: before.as_ref().map(|r| r.status),
-                        after: *status,
-                        reason: reason.clone(),
-                        origin: origin.clone(),
-                        at: now,
-                    });
-                    let (seq, record) = tables.append_after(&event, before.as_ref())?;
-                    let record = record.expect("a preference event writes a record");
-                    Ok((event, Applied::Preference { seq, scope: scope.clone(), record }))
-                }
-                Op::CreateService { slug, name, description, actor } => {
-                    if self.services.contains_key(slug) {
-                        Err(WriteError::ServiceExists(slug.to_string()))
-                    } else {
-                        let service = Service {
-                            slug: slug.clone(),
-                            name: name.clone(),
-                            description: description.clone(),
-                            archived: false,
-                            created_at: now,
-                            updated_at: now,
-                        };
-                        self.service_event(&mut tables, service, true, actor)?
-                    }
-                }
-                Op::UpdateService { slug, name, description, archived, actor } => {
-                    match self.services.get(slug) {
-                        None => Err(WriteError::UnknownService(slug.to_string())),
-                        Some(old) => {
-                            let service = old.updated(name.as_ref(), description.as_ref(), *archived, now);
-                            self.service_event(&mut tables, service, false, actor)?
-                        }
-                    }
+            let mut local = LocalState { tables: &mut tables, services: &self.services, prior: None };
+            let staged = match stage(&mut local, op, &channels, Micros::now())? {
+                Ok(staged) => staged,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
                 }
             };
-            results.push(result);
+            let prior = local.prior.take();
+            let (seq, _) = tables.append_after(&staged.event, prior.as_ref())?;
+            if let Event::Service(change) = &staged.event {
+                self.services.insert(change.service.slug.clone(), change.service.clone());
+            }
+            let applied = staged.applied(seq);
+            results.push(Ok((staged.event, applied)));
         }
         drop(tables);
         Ok((txn, results))
     }
+}
 
-    fn service_event(
-        &mut self,
-        txn: &mut crate::store::Tables<'_>,
-        service: Service,
-        created: bool,
-        actor: &str,
-    ) -> Result<Result<(Event, Applied), WriteError>, StoreError> {
-        let event =
-            Event::Service(ServiceChange { service: service.clone(), created, actor: actor.to_owned() });
-        let (seq, _) = txn.append(&event)?;
-        self.services.insert(service.slug.clone(), service.clone());
-        Ok(Ok((event, Applied::Service { seq, service })))
+/// The local writer's view for staging: the batch's redb tables and the
+/// services as the batch has left them.
+struct LocalState<'a, 't> {
+    tables: &'a mut crate::store::Tables<'t>,
+    services: &'a HashMap<ServiceSlug, Service>,
+    /// The record [`Staging::prior`] read last, so appending does not read it again.
+    prior: Option<Record>,
+}
+
+impl Staging for LocalState<'_, '_> {
+    type Error = StoreError;
+
+    fn service(&self, slug: &ServiceSlug) -> Option<Result<&Service, WriteError>> {
+        self.services.get(slug).map(Ok)
     }
 
-    fn check_scope(&self, scope: &Scope, channels: &[crate::domain::ChannelName]) -> Result<(), WriteError> {
-        if let Target::One(s) = &scope.service {
-            match self.services.get(s) {
-                None => return Err(WriteError::UnknownService(s.to_string())),
-                Some(svc) if svc.archived => return Err(WriteError::Archived(s.to_string())),
-                Some(_) => {}
+    fn prior(&mut self, customer: CustomerId, scope: &Scope) -> Result<Option<(Status, Micros)>, StoreError> {
+        self.prior = self.tables.record(customer, scope)?;
+        Ok(self.prior.as_ref().map(|r| (r.status, r.created_at)))
+    }
+}
+
+/// What validating and staging a write reads: the services as the batch
+/// has left them so far, and the current record of a customer's scope. The
+/// local writer reads them from redb; the PostgreSQL writer from the rows
+/// it read under the head lock. Either then hands the staged event to the
+/// log that makes it durable.
+pub(crate) trait Staging {
+    /// Why reading failed: the whole batch fails.
+    type Error;
+
+    /// The service by that slug: `None` when none is registered, an error
+    /// when it is stored but unreadable.
+    fn service(&self, slug: &ServiceSlug) -> Option<Result<&Service, WriteError>>;
+
+    /// The status and creation time of the customer's current record for
+    /// exactly this scope, if there is one.
+    fn prior(&mut self, customer: CustomerId, scope: &Scope)
+    -> Result<Option<(Status, Micros)>, Self::Error>;
+}
+
+/// A write that passed validation: the event it becomes and the creation
+/// time its record keeps (the first write's, for a preference).
+pub(crate) struct Staged {
+    /// The event to append.
+    pub event: Event,
+    /// For a preference, the record's `created_at`.
+    pub created_at: Micros,
+}
+
+impl Staged {
+    /// What the write is answered with once its event is durable as `seq`.
+    pub fn applied(&self, seq: u64) -> Applied {
+        match &self.event {
+            Event::Preference(change) => Applied::Preference {
+                seq,
+                scope: change.scope.clone(),
+                record: Record {
+                    status: change.after,
+                    reason: change.reason.clone(),
+                    source: change.origin.source.clone(),
+                    created_at: self.created_at,
+                    updated_at: change.at,
+                    seq,
+                },
+            },
+            Event::Service(change) => Applied::Service { seq, service: change.service.clone() },
+        }
+    }
+}
+
+/// The one validation of every write, in both modes: `Ok(Err(_))` is a
+/// refused write, `Err(_)` a failure to read the state.
+pub(crate) fn stage<S: Staging>(
+    state: &mut S,
+    op: &Op,
+    channels: &[ChannelName],
+    now: Micros,
+) -> Result<Result<Staged, WriteError>, S::Error> {
+    Ok(match op {
+        Op::SetPreference { customer, scope, status, reason, origin } => {
+            if let Err(e) = check_scope(state, scope, channels) {
+                return Ok(Err(e));
             }
+            let prior = state.prior(*customer, scope)?;
+            Ok(Staged {
+                event: Event::Preference(PreferenceChange {
+                    customer: *customer,
+                    scope: scope.clone(),
+                    before: prior.map(|(status, _)| status),
+                    after: *status,
+                    reason: reason.clone(),
+                    origin: origin.clone(),
+                    at: now,
+                }),
+                created_at: prior.map_or(now, |(_, created)| created),
+            })
         }
-        if let Target::One(c) = &scope.channel
-            && !channels.contains(c)
-        {
-            return Err(WriteError::UnknownChannel(c.to_string()));
+        Op::CreateService { slug, name, description, actor } => match state.service(slug) {
+            Some(_) => Err(WriteError::ServiceExists(slug.to_string())),
+            None => Ok(Staged {
+                event: Event::Service(ServiceChange {
+                    service: Service {
+                        slug: slug.clone(),
+                        name: name.clone(),
+                        description: description.clone(),
+                        archived: false,
+                        created_at: now,
+                        updated_at: now,
+                    },
+                    created: true,
+                    actor: actor.clone(),
+                }),
+                created_at: now,
+            }),
+        },
+        Op::UpdateService { slug, name, description, archived, actor } => match state.service(slug) {
+            None => Err(WriteError::UnknownService(slug.to_string())),
+            Some(Err(e)) => Err(e),
+            Some(Ok(old)) => {
+                let service = old.updated(name.as_ref(), description.as_ref(), *archived, now);
+                let created_at = service.created_at;
+                Ok(Staged {
+                    event: Event::Service(ServiceChange { service, created: false, actor: actor.clone() }),
+                    created_at,
+                })
+            }
+        },
+    })
+}
+
+/// A preference's scope must name a registered, unarchived service (or all
+/// services) and a configured channel (or all channels).
+fn check_scope<S: Staging>(state: &S, scope: &Scope, channels: &[ChannelName]) -> Result<(), WriteError> {
+    if let Target::One(slug) = &scope.service {
+        match state.service(slug) {
+            None => return Err(WriteError::UnknownService(slug.to_string())),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(service)) if service.archived => return Err(WriteError::Archived(slug.to_string())),
+            Some(Ok(_)) => {}
         }
-        Ok(())
+    }
+    if let Target::One(c) = &scope.channel
+        && !channels.contains(c)
+    {
+        return Err(WriteError::UnknownChannel(c.to_string()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state in memory: services by slug (`Err` for an unreadable one)
+    /// and current records.
+    #[derive(Default)]
+    struct Memory {
+        services: HashMap<ServiceSlug, Result<Service, WriteError>>,
+        records: HashMap<(u64, String), (Status, Micros)>,
+    }
+
+    impl Staging for Memory {
+        type Error = std::convert::Infallible;
+
+        fn service(&self, slug: &ServiceSlug) -> Option<Result<&Service, WriteError>> {
+            self.services.get(slug).map(|s| s.as_ref().map_err(Clone::clone))
+        }
+
+        fn prior(
+            &mut self,
+            customer: CustomerId,
+            scope: &Scope,
+        ) -> Result<Option<(Status, Micros)>, Self::Error> {
+            Ok(self.records.get(&(customer.0, scope.key())).copied())
+        }
+    }
+
+    fn service(slug: &str, archived: bool) -> Service {
+        Service {
+            slug: ServiceSlug::parse(slug).unwrap(),
+            name: slug.into(),
+            description: String::new(),
+            archived,
+            created_at: Micros(5),
+            updated_at: Micros(5),
+        }
+    }
+
+    fn set(customer: u64, service: &str, channel: &str) -> Op {
+        Op::SetPreference {
+            customer: CustomerId(customer),
+            scope: Scope::parse(service, channel).unwrap(),
+            status: Status::OptedOut,
+            reason: None,
+            origin: Origin { source: "api".into(), actor: "t".into(), client_addr: None, user_agent: None },
+        }
+    }
+
+    fn refused(state: &mut Memory, op: &Op) -> WriteError {
+        let channels = [ChannelName::parse("email").unwrap()];
+        match stage(state, op, &channels, Micros(100)).unwrap() {
+            Ok(staged) => panic!("{op:?} was staged as {:?}", staged.event),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn one_validation_in_one_order() {
+        let mut state = Memory::default();
+        for s in [service("rating", false), service("old", true)] {
+            state.services.insert(s.slug.clone(), Ok(s));
+        }
+        let broken = ServiceSlug::parse("broken").unwrap();
+        state.services.insert(broken, Err(WriteError::Store("unreadable".into())));
+        assert_eq!(refused(&mut state, &set(1, "nope", "sms")), WriteError::UnknownService("nope".into()));
+        assert_eq!(refused(&mut state, &set(1, "old", "email")), WriteError::Archived("old".into()));
+        assert_eq!(refused(&mut state, &set(1, "rating", "sms")), WriteError::UnknownChannel("sms".into()));
+        assert_eq!(refused(&mut state, &set(1, "broken", "email")), WriteError::Store("unreadable".into()));
+        let create = Op::CreateService {
+            slug: ServiceSlug::parse("old").unwrap(),
+            name: "x".into(),
+            description: String::new(),
+            actor: "t".into(),
+        };
+        assert_eq!(refused(&mut state, &create), WriteError::ServiceExists("old".into()));
+        let update = |slug: &str| Op::UpdateService {
+            slug: ServiceSlug::parse(slug).unwrap(),
+            name: None,
+            description: None,
+            archived: Some(false),
+            actor: "t".into(),
+        };
+        assert_eq!(refused(&mut state, &update("nope")), WriteError::UnknownService("nope".into()));
+        assert_eq!(refused(&mut state, &update("broken")), WriteError::Store("unreadable".into()));
+    }
+
+    #[test]
+    fn a_preference_keeps_its_first_creation_time() {
+        let mut state = Memory::default();
+        let rating = service("rating", false);
+        state.services.insert(rating.slug.clone(), Ok(rating));
+        let scope = Scope::parse("rating", "*").unwrap();
+        state.records.insert((7, scope.key()), (Status::OptedIn, Micros(3)));
+        let channels = [ChannelName::parse("email").unwrap()];
+        let staged = stage(&mut state, &set(7, "rating", "*"), &channels, Micros(100)).unwrap().unwrap();
+        let Applied::Preference { seq, record, .. } = staged.applied(42) else { panic!("a preference") };
+        assert_eq!((seq, record.seq, record.created_at, record.updated_at), (42, 42, Micros(3), Micros(100)));
+        let Event::Preference(change) = &staged.event else { panic!("a preference event") };
+        assert_eq!((change.before, change.after), (Some(Status::OptedIn), Status::OptedOut));
+        let fresh = stage(&mut state, &set(8, "*", "email"), &channels, Micros(100)).unwrap().unwrap();
+        assert_eq!(fresh.created_at, Micros(100), "a first write is created now");
     }
 }

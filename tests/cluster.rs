@@ -16,8 +16,12 @@
 //!   writes of sidecars configured with both hosts;
 //! - the schema migration is idempotent and safe when sidecars start at once;
 //! - a sidecar that has applied events PostgreSQL no longer has (a standby
-//!   promoted before replaying them) refuses writes and stops being ready,
-//!   instead of acknowledging writes whose sequence numbers it already holds.
+//!   promoted before replaying them), or other events than PostgreSQL now
+//!   has, detects it by the chained checksum, refuses writes meanwhile,
+//!   saves the lost events to a file and resynchronises;
+//! - a follower whose disk fills catches up by itself once space returns
+//!   (and fails `/healthz` past its bound); a frozen link to PostgreSQL
+//!   answers writes 503 within the bound; cluster mode needs shared token keys.
 //!
 //! Every test prints a SKIP line and passes when the PostgreSQL server
 //! binaries are absent (and fails instead under `PREFSD_TEST_REQUIRE_ALL=1`).
@@ -69,9 +73,22 @@ struct Node {
 impl Node {
     /// A sidecar on a fresh, empty data dir, following `url`.
     fn start(url: &str) -> Node {
+        Node::start_with(url, &[])
+    }
+
+    /// A sidecar on `data` (kept by the caller), following `url`.
+    fn start_in(data: PathBuf, url: &str) -> Node {
+        let sidecar = ChildSidecar::start(&data, &env(url));
+        Node { sidecar, data, _dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// [`Node::start`] with more settings (`PREFSD_…` variables).
+    fn start_with(url: &str, extra: &[(&str, &str)]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let sidecar = ChildSidecar::start(&data, &env(url));
+        let mut vars = env(url).to_vec();
+        vars.extend_from_slice(extra);
+        let sidecar = ChildSidecar::start(&data, &vars);
         Node { sidecar, data, _dir: dir }
     }
 
@@ -953,7 +970,7 @@ fn schema_migration_is_idempotent_and_safe_at_once() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let schema = |pg: &Postgres| pg.query("SELECT version::text FROM prefsd_schema");
-    assert_eq!(schema(&pg), vec![vec![Some("1".to_owned())]], "one schema row");
+    assert_eq!(schema(&pg), vec![vec![Some("2".to_owned())]], "one schema row, version 2");
     assert_eq!(pg.query("SELECT count(*)::text FROM prefsd_head"), vec![vec![Some("1".to_owned())]]);
     assert_eq!(head(&pg), 0);
 
@@ -977,7 +994,7 @@ fn schema_migration_is_idempotent_and_safe_at_once() {
     // Starting again on the migrated schema changes nothing.
     nodes[1].restart_after_kill(&url);
     let extra = Node::start(&url);
-    assert_eq!(schema(&pg), vec![vec![Some("1".to_owned())]], "still one schema row");
+    assert_eq!(schema(&pg), vec![vec![Some("2".to_owned())]], "still one schema row");
     assert_eq!(head(&pg), 2);
     assert_eq!(last_seq(nodes[1].client()), Some(2));
     assert_eq!(last_seq(extra.client()), Some(2));
@@ -985,26 +1002,25 @@ fn schema_migration_is_idempotent_and_safe_at_once() {
 }
 
 #[test]
-fn postgres_behind_a_sidecar_is_refused_not_silently_diverged() {
-    const TEST: &str = "postgres_behind_a_sidecar_is_refused_not_silently_diverged";
+fn postgres_behind_a_sidecar_is_detected_and_resynchronised() {
+    const TEST: &str = "postgres_behind_a_sidecar_is_detected_and_resynchronised";
     let Some(primary) = Postgres::start(TEST) else { return };
     let seed = rule::seed(TEST);
     let standby = primary.standby();
     let url = failover_url(&primary, &standby);
     let a = Node::start(&url);
-    assert_eq!(create_service(a.client(), "rating").status, 201);
-    let customers = customers();
+    create_services(&primary, a.client(), &[]);
     let mut rng = Rng::new(seed);
     // Random writes, on the one service or on every service.
-    let mut write = |c: &Client| {
-        let mut w = random_write(&mut rng, &customers);
+    let mut random = move || {
+        let mut w = random_write(&mut rng, &customers());
         if w.service != "*" {
             w.service = "rating".into();
         }
-        put(c, &w)
+        w
     };
     for _ in 0..20 {
-        assert!(matches!(write(a.client()), Outcome::Acked(_)));
+        assert!(matches!(put(a.client(), &random()), Outcome::Acked(_)));
     }
     let lsn = primary.query("SELECT pg_current_wal_lsn()::text")[0][0].clone().unwrap();
     util::wait_for("the standby to replay the primary's WAL", WAIT, || {
@@ -1017,50 +1033,612 @@ fn postgres_behind_a_sidecar_is_refused_not_silently_diverged() {
     // has — what an asynchronous standby promoted too early, or a restore
     // from an older backup, does.
     standby.crash();
+    let mut lost_writes = Vec::new();
     for _ in 0..10 {
-        assert!(matches!(write(a.client()), Outcome::Acked(_)), "a write before the loss");
+        match put(a.client(), &random()) {
+            Outcome::Acked(x) => lost_writes.push(x),
+            _ => panic!("a write before the loss was not acknowledged"),
+        }
     }
     let sidecar_seq = last_seq(a.client()).unwrap();
-    let probes: Vec<(u64, &str, &str)> =
-        customers.iter().flat_map(|&c| CHANNELS.map(|h| (c, "rating", h))).collect();
-    let before = checks(a.client(), &probes);
     primary.crash();
+    // With no server taking writes, a write is refused with the error contract.
+    match put(a.client(), &random()) {
+        Outcome::Refused(answer) => {
+            assert_eq!(answer.status, 503, "{}", String::from_utf8_lossy(&answer.body));
+            assert_eq!(
+                answer.error_code().as_deref(),
+                Some("store_unavailable"),
+                "{}",
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+        Outcome::Acked(x) => panic!("a write was acknowledged with no server up: {x:?}"),
+        Outcome::Unreachable(e) => panic!("the sidecar did not answer: {e}"),
+    }
     standby.start_server();
     standby.promote();
     let pg_head = head(&standby);
     assert!(pg_head < sidecar_seq, "the promoted server lacks events: {pg_head} < {sidecar_seq}");
 
-    // The sidecar must not acknowledge a write it has not applied: sequence
-    // numbers PostgreSQL now hands out again are ones it already holds for
-    // other changes. Whatever it answers, an acknowledged write must be the
-    // one its own audit log shows at that sequence number.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut refused = 0;
-    while Instant::now() < deadline && refused < 5 {
-        match write(a.client()) {
-            Outcome::Acked(acked) => {
-                let entries = audit(a.client());
-                let at = entries.iter().find(|e| e["seq"].as_u64() == Some(acked.seq));
-                panic!(
-                    "sidecar acknowledged seq {} ({:?}) while postgres was behind it ({pg_head} < {sidecar_seq}); \
-                     its own audit holds at that seq: {at:?}",
-                    acked.seq, acked.write
-                );
-            }
+    // The sidecar must not acknowledge a write whose sequence number it
+    // holds for another change: until it is ready again a write is refused
+    // (503 store_unavailable) or, if acknowledged, is in the promoted
+    // server's log at that sequence number (checked below).
+    let mut acked = Vec::new();
+    util::wait_for("the sidecar to resynchronise and be ready", Duration::from_secs(60), || {
+        match put(a.client(), &random()) {
+            Outcome::Acked(x) => acked.push(x),
             Outcome::Refused(answer) => {
                 assert_eq!(answer.status, 503, "{}", String::from_utf8_lossy(&answer.body));
-                refused += 1;
+                assert_eq!(answer.error_code().as_deref(), Some("store_unavailable"));
             }
             Outcome::Unreachable(e) => panic!("the sidecar did not answer: {e}"),
         }
-    }
-    assert_eq!(refused, 5);
-    // ... and it says it can no longer follow: not ready.
-    util::wait_for("/readyz to report the sidecar cannot follow", WAIT, || {
-        readyz(a.client()).is_some_and(|(status, _)| status == 503).then_some(())
+        readyz(a.client()).is_some_and(|(status, _)| status == 200).then_some(())
     });
-    // Checks still answer from what it has, the lost changes included.
-    assert_eq!(checks(a.client(), &probes), before, "checks once postgres is behind");
-    let (_, v) = readyz(a.client()).unwrap();
-    println!("{TEST}: /readyz says {v}");
+    let head = wait_converged(&standby, &[a.client()]);
+    let (status, v) = readyz(a.client()).unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"status": "ready", "last_seq": head, "postgres": {"reachable": true, "head": head, "lag": 0}}),
+        "/readyz once resynchronised"
+    );
+
+    // The acknowledged writes the promoted server lost are saved for the operator.
+    let files: Vec<PathBuf> = std::fs::read_dir(&a.data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("lost-writes-"))
+        .collect();
+    assert_eq!(files.len(), 1, "one lost-writes file: {files:?}");
+    let saved: Vec<Value> = std::fs::read_to_string(&files[0])
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let saved_seqs: Vec<u64> = saved.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(saved_seqs, (pg_head + 1..=sidecar_seq).collect::<Vec<_>>());
+    for w in lost_writes.iter().filter(|w| w.seq > pg_head) {
+        let entry = saved.iter().find(|l| l["seq"].as_u64() == Some(w.seq)).unwrap();
+        let change = &entry["event"]["Preference"];
+        assert_eq!(change["customer"].as_u64(), Some(w.write.customer), "{entry} vs {w:?}");
+        assert_eq!(change["after"].as_str(), Some(w.write.status.as_str()), "{entry} vs {w:?}");
+    }
+
+    // It answers as a sidecar started from nothing on the promoted server.
+    let fresh = Node::start(&url);
+    wait_converged(&standby, &[a.client(), fresh.client()]);
+    let v = assert_identical(&[("fresh", fresh.client()), ("resynchronised", a.client())], &customers());
+    for x in &acked {
+        let entry = v.audit.iter().find(|e| e["seq"].as_u64() == Some(x.seq));
+        let entry = entry.unwrap_or_else(|| panic!("an acknowledged write is not in postgres: {x:?}"));
+        assert_eq!(entry["customer"].as_u64(), Some(x.write.customer), "{entry} vs {x:?}");
+        assert_eq!(entry["after"].as_str(), Some(x.write.status.as_str()), "{entry} vs {x:?}");
+    }
+}
+
+/// A tmpfs mounted on a fresh directory for the test, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it), or `None`
+    /// after a SKIP line where mounting is not allowed.
+    fn mount(test: &str, size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                util::skip(
+                    test,
+                    &format!("cannot mount a tmpfs: {}", String::from_utf8_lossy(&o.stderr).trim()),
+                );
+                None
+            }
+            Err(e) => {
+                util::skip(test, &format!("cannot run mount: {e}"));
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the file system with `name` until a write fails for lack of space.
+    fn fill(&self, name: &str) -> u64 {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(self.path().join(name)).unwrap();
+        let chunk = vec![0xa5u8; 64 * 1024];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+        // Whatever is left in smaller pieces, to the last byte.
+        for size in [4096usize, 512, 1] {
+            while f.write(&chunk[..size]).is_ok_and(|n| n > 0) {
+                written += size as u64;
+            }
+        }
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// A sidecar whose data directory fills up: it reports not ready, keeps
+/// tracking PostgreSQL's head, fails `/healthz` once held broken past the
+/// bound, and catches up by itself, without a restart, when space returns.
+#[test]
+fn a_follower_whose_disk_fills_recovers_without_a_restart() {
+    const TEST: &str = "a_follower_whose_disk_fills_recovers_without_a_restart";
+    let Some(pg) = Postgres::start(TEST) else { return };
+    let Some(fs) = Tmpfs::mount(TEST, "24m") else { return };
+    let url = pg.url();
+    let a = Node::start(&url);
+    let data = fs.path().join("data");
+    // A short bound, so the test sees /healthz fail.
+    let vars = [env(&url).as_slice(), &[("PREFSD_FOLLOWER_UNHEALTHY_SECS", "2")]].concat();
+    let mut b = ChildSidecar::start(&data, &vars);
+    create_services(&pg, a.client(), &[&b.client]);
+
+    let filled = fs.fill("filler");
+    println!("{TEST}: filled the tmpfs with {filled} bytes");
+    // A takes 400 opt-outs B cannot store.
+    let customers: Vec<u64> = (1000..1400).collect();
+    let mut acked = Vec::new();
+    for &customer in &customers {
+        let w = Write {
+            customer,
+            service: "rating".into(),
+            channel: "email".into(),
+            status: "opted_out".into(),
+            reason: None,
+        };
+        match put(a.client(), &w) {
+            Outcome::Acked(x) => acked.push(x),
+            Outcome::Refused(r) => {
+                panic!("A refused a write: {} {}", r.status, String::from_utf8_lossy(&r.body))
+            }
+            Outcome::Unreachable(e) => panic!("A did not answer: {e}"),
+        }
+    }
+    let pg_head = head(&pg);
+    // B says it is behind, with the reason and a lag that follows the head.
+    let (_, v) = util::wait_for("B's /readyz to report the failing disk", WAIT, || {
+        readyz(&b.client)
+            .filter(|(status, v)| *status == 503 && v["postgres"]["failing"] == json!("disk_full"))
+    });
+    assert_eq!(v["error"]["code"], json!("not_ready"), "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("bytes free"), "the reason is given: {v}");
+    // The head it reports keeps moving while it fails.
+    let (_, v) = util::wait_for("B's /readyz to report postgres's head while failing", WAIT, || {
+        readyz(&b.client).filter(|(status, v)| *status == 503 && v["postgres"]["head"] == json!(pg_head))
+    });
+    let lag = v["postgres"]["lag"].as_u64().unwrap();
+    assert!(lag > 0 && lag == pg_head - v["last_seq"].as_u64().unwrap(), "{v}");
+    let metrics =
+        String::from_utf8_lossy(&b.client.send("GET", "/metrics", None, None).unwrap().body).into_owned();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("prefsd_follower_errors_total{kind=\"disk_full\"}")),
+        "the failures are counted:\n{metrics}"
+    );
+    assert!(metrics.lines().any(|l| l == format!("prefsd_replication_lag_events {lag}")), "{metrics}");
+    // Checks still answer (from what B has).
+    assert!(check(&b.client, 5, "rating", "email"));
+    // Held broken past the bound, /healthz fails so an orchestrator restarts it.
+    let (_, v) = util::wait_for("B's /healthz to fail past the bound", WAIT, || {
+        b.client
+            .send("GET", "/healthz", None, None)
+            .ok()
+            .filter(|a| a.status == 503)
+            .map(|a| (a.status, a.json()))
+    });
+    assert_eq!(v["error"]["code"], json!("unhealthy"), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("has not applied"), "{v}");
+
+    // Space returns: B catches up by itself (same process) and is healthy.
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    let freed = Instant::now();
+    util::wait_for("B to catch up after the disk is freed", Duration::from_secs(60), || {
+        (last_seq(&b.client) == Some(pg_head)).then_some(())
+    });
+    println!("{TEST}: freed disk to caught up in {} ms", freed.elapsed().as_millis());
+    assert!(b.child.try_wait().unwrap().is_none(), "B was not restarted");
+    assert_eq!(b.client.send("GET", "/healthz", None, None).unwrap().status, 200);
+    for &customer in &customers {
+        assert!(!check(&b.client, customer, "rating", "email"), "B sees A's opt-out of {customer}");
+    }
+    let v = assert_identical(&[("A", a.client()), ("B", &b.client)], &customers);
+    assert_acked_present(&v.audit, &acked, &[], "B after the disk fault");
+    b.kill();
+}
+
+/// A frozen link to PostgreSQL (bytes held both ways, nothing closed): a
+/// write is answered 503 within the bound, checks answer, `/readyz` and
+/// `prefsd_postgres_up` show the connection gone, and writes resume after
+/// the thaw. The time to the 503 is printed for a short bound and for the
+/// default one (10 s).
+#[test]
+fn a_frozen_link_to_postgres_answers_writes_503_within_the_bound() {
+    const TEST: &str = "a_frozen_link_to_postgres_answers_writes_503_within_the_bound";
+    let Some(pg) = Postgres::start(TEST) else { return };
+    let proxy = util::pg::Proxy::start(pg.port);
+    let url = proxy.url();
+    let short = Node::start_with(&url, &[("PREFSD_POSTGRES_TIMEOUT_MS", "2000")]);
+    let default = Node::start(&url);
+    let clients = [short.client(), default.client()];
+    assert_eq!(create_service(clients[0], "rating").status, 201);
+    let w = |customer: u64| Write {
+        customer,
+        service: "rating".into(),
+        channel: "email".into(),
+        status: "opted_out".into(),
+        reason: None,
+    };
+    assert!(matches!(put(clients[1], &w(1)), Outcome::Acked(_)));
+    wait_converged(&pg, &clients);
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    let answers: Vec<(Outcome, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let w = w(10 + i as u64);
+                s.spawn(move || {
+                    let sent = Instant::now();
+                    let outcome = put(c, &w);
+                    (outcome, sent.elapsed())
+                })
+            })
+            .collect();
+        // Checks answer from the local index throughout.
+        for c in clients {
+            assert!(!check(c, 1, "rating", "email"), "a check during the freeze");
+            assert!(check(c, 2, "rating", "email"), "a check during the freeze");
+        }
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((outcome, took), bound) in answers.iter().zip(["2 s", "10 s (default)"]) {
+        match outcome {
+            Outcome::Refused(answer) => {
+                assert_eq!(answer.status, 503, "{}", String::from_utf8_lossy(&answer.body));
+                assert_eq!(answer.error_code().as_deref(), Some("store_unavailable"));
+            }
+            Outcome::Acked(a) => panic!("a write was acknowledged through a frozen link: {a:?}"),
+            Outcome::Unreachable(e) => panic!("the sidecar did not answer: {e}"),
+        }
+        println!("{TEST}: frozen link to 503 with a bound of {bound}: {} ms", took.as_millis());
+    }
+    // /readyz and the metric show the follower's connection gone.
+    for c in clients {
+        let (status, v) = util::wait_for("/readyz to show postgres unreachable", WAIT, || {
+            readyz(c).filter(|(_, v)| v["postgres"]["reachable"] == json!(false))
+        });
+        assert_eq!(status, 503, "{v}");
+        assert_eq!(v["error"]["code"], json!("not_ready"), "{v}");
+        let metrics =
+            String::from_utf8_lossy(&c.send("GET", "/metrics", None, None).unwrap().body).into_owned();
+        assert!(metrics.lines().any(|l| l == "prefsd_postgres_up 0"), "{metrics}");
+    }
+    println!(
+        "{TEST}: both sidecars reported postgres unreachable {} ms after the freeze",
+        frozen.elapsed().as_millis()
+    );
+
+    proxy.thaw();
+    for (i, c) in clients.iter().enumerate() {
+        util::wait_for("a write to succeed after the thaw", WAIT, || match put(c, &w(100 + i as u64)) {
+            Outcome::Acked(a) => Some(a),
+            Outcome::Refused(r) if r.status == 503 => None,
+            Outcome::Refused(r) => panic!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
+            Outcome::Unreachable(e) => panic!("the sidecar did not answer: {e}"),
+        });
+    }
+    wait_converged(&pg, &clients);
+    for c in clients {
+        assert_eq!(readyz(c).unwrap().0, 200);
+        assert!(!check(c, 100, "rating", "email") && !check(c, 101, "rating", "email"));
+    }
+}
+
+/// A sidecar child whose log goes to a file, started without waiting.
+struct Logged {
+    child: std::process::Child,
+    client: Client,
+    log: PathBuf,
+}
+
+impl Logged {
+    fn spawn(data: &std::path::Path, log: PathBuf, vars: &[(&str, &str)]) -> Logged {
+        let port = util::free_port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_prefsd"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+            .arg(data)
+            .env_remove("PREFSD_CONFIG")
+            .env("PREFSD_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        Logged { child, client: Client::new(&format!("http://127.0.0.1:{port}"), None), log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// PostgreSQL's log rewritten under a stopped sidecar (what a promoted
+/// lagging standby that then took other writes looks like): restarted, the
+/// sidecar detects it by the chained checksum, refuses writes, saves the
+/// events PostgreSQL lost to a file in its data directory, resynchronises
+/// and ends identical to PostgreSQL. Its data directory is a tmpfs held
+/// nearly full across the restart, so the resynchronisation waits for
+/// space and the refusal can be seen; where no tmpfs can be mounted that
+/// part is skipped and the rest runs on a plain directory.
+#[test]
+fn a_rewritten_postgres_log_is_detected_and_resynchronised() {
+    const TEST: &str = "a_rewritten_postgres_log_is_detected_and_resynchronised";
+    let Some(pg) = Postgres::start(TEST) else { return };
+    let seed = rule::seed(TEST);
+    let url = pg.url();
+    let fs = Tmpfs::mount(TEST, "32m");
+    let mut a = match &fs {
+        Some(fs) => Node::start_in(fs.path().join("data"), &url),
+        None => Node::start(&url),
+    };
+    create_services(&pg, a.client(), &[]);
+    let customers = customers();
+    let mut rng = Rng::new(seed);
+    for _ in 0..30 {
+        assert!(matches!(put(a.client(), &random_write(&mut rng, &customers)), Outcome::Acked(_)));
+    }
+    let sidecar_seq = wait_converged(&pg, &[a.client()]);
+    let before = audit(a.client());
+    assert!(a.sidecar.terminate().success());
+
+    // PostgreSQL forgets events from `keep + 1` on; another sidecar then
+    // writes more, different, events at those sequence numbers.
+    let keep = sidecar_seq - 12;
+    let chain_at_keep =
+        pg.query(&format!("SELECT chain::text FROM prefsd_events WHERE seq = {keep}"))[0][0].clone().unwrap();
+    pg.query(&format!(
+        "DELETE FROM prefsd_events WHERE seq > {keep}; \
+         UPDATE prefsd_head SET last_seq = {keep}, chain = {chain_at_keep}"
+    ));
+    let b = Node::start(&url);
+    for _ in 0..20 {
+        let mut w = random_write(&mut rng, &customers);
+        w.reason = Some("written after the loss".into());
+        assert!(matches!(put(b.client(), &w), Outcome::Acked(_)));
+    }
+    let pg_head = head(&pg);
+    assert!(pg_head > sidecar_seq);
+
+    // A restarts on its data dir, nearly full (below the free-space reserve
+    // it keeps): it detects the divergence but cannot resynchronise yet.
+    if let Some(fs) = &fs {
+        fs.fill("filler");
+        let filler = std::fs::OpenOptions::new().write(true).open(fs.path().join("filler")).unwrap();
+        let len = filler.metadata().unwrap().len();
+        filler.set_len(len.saturating_sub(2 << 20)).unwrap();
+    }
+    let log = a._dir.path().join("restart.log");
+    let restarted = Logged::spawn(&a.data, log, &env(&url));
+    if let Some(fs) = &fs {
+        let (_, v) = util::wait_for("/readyz to report the divergence", WAIT, || {
+            readyz(&restarted.client).filter(|(status, v)| {
+                *status == 503 && v["error"]["message"].as_str().is_some_and(|m| m.contains("resynchronises"))
+            })
+        });
+        assert_eq!(v["error"]["code"], json!("not_ready"), "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("is not the one this sidecar applied"),
+            "{v}"
+        );
+        match put(&restarted.client, &random_write(&mut rng, &customers)) {
+            Outcome::Refused(r) => {
+                assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+                assert_eq!(r.error_code().as_deref(), Some("store_unavailable"));
+                let message = r.json()["error"]["message"].as_str().unwrap_or("").to_owned();
+                assert!(
+                    message.contains("writes are refused while this sidecar resynchronises"),
+                    "{message}"
+                );
+            }
+            Outcome::Acked(x) => panic!("a diverged sidecar acknowledged a write: {x:?}"),
+            Outcome::Unreachable(e) => panic!("the sidecar did not answer: {e}"),
+        }
+        let metrics =
+            String::from_utf8_lossy(&restarted.client.send("GET", "/metrics", None, None).unwrap().body)
+                .into_owned();
+        assert!(
+            metrics.lines().any(|l| l.starts_with("prefsd_follower_errors_total{kind=\"diverged\"}")),
+            "{metrics}"
+        );
+        std::fs::remove_file(fs.path().join("filler")).unwrap();
+    }
+    // Writes sent until it is ready are refused or, if acknowledged, are in
+    // postgres's log at the acknowledged seq.
+    let mut acked_early = Vec::new();
+    let mut refused = Vec::new();
+    util::wait_for("the restarted sidecar to be ready", Duration::from_secs(60), || {
+        match put(&restarted.client, &random_write(&mut rng, &customers)) {
+            Outcome::Acked(x) => acked_early.push(x),
+            Outcome::Refused(r) => refused.push((r.status, r.error_code())),
+            Outcome::Unreachable(_) => {}
+        }
+        (readyz(&restarted.client).is_some_and(|(s, _)| s == 200)).then_some(())
+    });
+    println!(
+        "{TEST}: before ready: {} writes refused {:?}, {} acknowledged",
+        refused.len(),
+        refused.first(),
+        acked_early.len()
+    );
+    for (status, code) in &refused {
+        assert_eq!(
+            (*status, code.as_deref()),
+            (503, Some("store_unavailable")),
+            "a refusal while resynchronising"
+        );
+    }
+    let log = restarted.log();
+    assert!(log.contains("resynchronising"), "the divergence is logged:\n{log}");
+    assert!(log.contains("writes are refused"), "the refusal is logged:\n{log}");
+
+    // The events PostgreSQL lost are in a file in the data directory, named in the log.
+    let files: Vec<PathBuf> = std::fs::read_dir(&a.data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("lost-writes-"))
+        .collect();
+    assert_eq!(files.len(), 1, "one lost-writes file: {files:?}");
+    assert!(log.contains(&*files[0].to_string_lossy()), "the log names {:?}:\n{log}", files[0]);
+    let lost: Vec<Value> = std::fs::read_to_string(&files[0])
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let lost_seqs: Vec<u64> = lost.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(lost_seqs, (keep + 1..=sidecar_seq).collect::<Vec<_>>(), "the lost events, in order");
+    for (entry, l) in before.iter().filter(|e| e["seq"].as_u64().unwrap() > keep).zip(&lost) {
+        let change = &l["event"]["Preference"];
+        assert_eq!(change["customer"].as_u64(), entry["customer"].as_u64(), "{l} vs {entry}");
+        assert_eq!(change["after"], entry["after"], "{l} vs {entry}");
+    }
+
+    // It ends identical to postgres: what a sidecar started from nothing answers.
+    let fresh = Node::start(&url);
+    let head = wait_converged(&pg, &[&restarted.client, fresh.client()]);
+    let v = assert_identical(&[("fresh", fresh.client()), ("resynchronised", &restarted.client)], &customers);
+    for acked in &acked_early {
+        let entry = v.audit.iter().find(|e| e["seq"].as_u64() == Some(acked.seq));
+        let entry =
+            entry.unwrap_or_else(|| panic!("a write acknowledged while restarting is lost: {acked:?}"));
+        assert_eq!(entry["customer"].as_u64(), Some(acked.write.customer), "{entry} vs {acked:?}");
+        assert_eq!(entry["after"].as_str(), Some(acked.write.status.as_str()), "{entry} vs {acked:?}");
+    }
+    assert_eq!(head, 3 + v.audit.len() as u64);
+    // And it takes writes again.
+    assert!(matches!(put(&restarted.client, &random_write(&mut rng, &customers)), Outcome::Acked(_)));
+}
+
+/// Cluster mode refuses to start without token keys, saying how to make
+/// them; with shared keys, a link issued through one sidecar redeems
+/// through another.
+#[test]
+fn cluster_mode_needs_shared_token_keys() {
+    const TEST: &str = "cluster_mode_needs_shared_token_keys";
+    let Some(pg) = Postgres::start(TEST) else { return };
+    let url = pg.url();
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a", "b"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefsd"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", util::free_port()), "--data"])
+            .arg(dir.path().join(name))
+            .env_remove("PREFSD_CONFIG")
+            .env_remove("PREFSD_TOKEN_KEYS")
+            .env("PREFSD_POSTGRES", &url)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "sidecar {name} started in cluster mode without token keys");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("token keys") && stderr.contains("prefsd token generate"), "{stderr}");
+    }
+    assert!(!dir.path().join("a").join("token-keys").exists(), "no key was generated");
+
+    let a = Node::start(&url);
+    let b = Node::start(&url);
+    assert_eq!(create_service(a.client(), "rating").status, 201);
+    wait_converged(&pg, &[a.client(), b.client()]);
+    let token = a
+        .client()
+        .call("POST", "/v1/tokens", Some(&json!({ "customer": 9, "service": "rating", "channel": "sms" })))
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let redeemed = b
+        .client()
+        .call("POST", "/v1/tokens/redeem", Some(&json!({ "token": token, "action": "opt_out" })))
+        .unwrap();
+    assert_eq!(redeemed["status"], "opted_out", "{redeemed}");
+    assert!(!check(b.client(), 9, "rating", "sms"));
+}
+
+/// A database migrated by an earlier build (schema v1, no checksums) is
+/// upgraded in place: the checksums of the events it holds are computed,
+/// a sidecar that applied them before the upgrade agrees with them (no
+/// divergence, nothing saved as lost), and a new sidecar catches up.
+#[test]
+fn a_v1_database_is_upgraded_with_checksums() {
+    const TEST: &str = "a_v1_database_is_upgraded_with_checksums";
+    let Some(pg) = Postgres::start(TEST) else { return };
+    let seed = rule::seed(TEST);
+    let url = pg.url();
+    let mut a = Node::start(&url);
+    create_services(&pg, a.client(), &[]);
+    let mut rng = Rng::new(seed);
+    let customers = customers();
+    for _ in 0..25 {
+        assert!(matches!(put(a.client(), &random_write(&mut rng, &customers)), Outcome::Acked(_)));
+    }
+    let head = wait_converged(&pg, &[a.client()]);
+    assert!(a.sidecar.terminate().success());
+    // What the v1 schema looked like.
+    pg.query(
+        "ALTER TABLE prefsd_events DROP COLUMN chain; ALTER TABLE prefsd_head DROP COLUMN chain; \
+         UPDATE prefsd_schema SET version = 1",
+    );
+
+    a.sidecar = ChildSidecar::start(&a.data, &env(&url));
+    assert_eq!(pg.query("SELECT version::text FROM prefsd_schema"), vec![vec![Some("2".to_owned())]]);
+    let missing = pg.query("SELECT count(*)::text FROM prefsd_events WHERE chain IS NULL");
+    assert_eq!(missing, vec![vec![Some("0".to_owned())]], "every event has its checksum");
+    let head_chain =
+        pg.query("SELECT h.chain = e.chain FROM prefsd_head h JOIN prefsd_events e ON e.seq = h.last_seq");
+    assert_eq!(head_chain, vec![vec![Some("t".to_owned())]], "the head carries the last event's checksum");
+    let b = Node::start(&url);
+    assert!(matches!(put(b.client(), &random_write(&mut rng, &customers)), Outcome::Acked(_)));
+    assert_eq!(wait_converged(&pg, &[a.client(), b.client()]), head + 1);
+    assert_identical(&[("upgraded", a.client()), ("new", b.client())], &customers);
+    let lost = std::fs::read_dir(&a.data)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("lost-writes-"))
+        .count();
+    assert_eq!(lost, 0, "the upgrade's checksums agree with the sidecar's");
+    let (status, v) = readyz(a.client()).unwrap();
+    assert_eq!(status, 200, "{v}");
 }

@@ -447,9 +447,7 @@ where
     let method = req.parts.method.clone();
     let get = method == Method::GET || method == Method::HEAD;
     match (listener, segments.as_slice()) {
-        (_, ["healthz"]) if get => {
-            (Route::Healthz, Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
-        }
+        (_, ["healthz"]) if get => (Route::Healthz, Ok(healthz(app))),
         (_, ["readyz"]) if get => (Route::Readyz, readyz(app)),
         (_, ["metrics"]) if get => (Route::Metrics, Ok(metrics(app, &req))),
         (_, ["healthz"]) => (Route::Healthz, Err(method_not_allowed("GET"))),
@@ -493,6 +491,18 @@ where
     bytes_reply(StatusCode::OK, content_type, text)
 }
 
+/// Liveness: 200 unless, in cluster mode, the follower has not been able to
+/// apply events for longer than its bound (then a restart is the cure).
+fn healthz(app: &App) -> Reply {
+    match app.unhealthy() {
+        None => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        Some(why) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "unhealthy", "error": {"code": "unhealthy", "message": why}}),
+        ),
+    }
+}
+
 fn readyz(app: &App) -> Result<Reply> {
     use std::sync::atomic::Ordering;
     let last_seq = *app.writer().applied().borrow();
@@ -505,12 +515,11 @@ fn readyz(app: &App) -> Result<Reply> {
             "head": head,
             "lag": head.saturating_sub(last_seq),
         });
-        match c.fatal.lock().expect("status lock").clone() {
-            Some(fatal) => why = fatal,
-            None if !c.caught_up.load(Ordering::Acquire) => {
-                why = format!("catching up with postgres: {} events behind", head.saturating_sub(last_seq));
-            }
-            None => {}
+        if let Some(kind) = c.problem_kind() {
+            body["postgres"]["failing"] = kind.into();
+        }
+        if let Some(not_ready) = c.not_ready(last_seq) {
+            why = not_ready;
         }
     }
     if app.is_ready() {

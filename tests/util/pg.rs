@@ -2,10 +2,16 @@
 //! directory, `pg_ctl start` on a free loopback port, stop it at will
 //! (`-m immediate` simulates a crash), and build a streaming standby with
 //! `pg_basebackup`. PostgreSQL refuses to run as root, so as root its
-//! binaries run as the `postgres` user.
+//! binaries run as the `postgres` user. [`Proxy`] sits between a sidecar
+//! and the server and can freeze the link (a blackholed network).
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 /// Where the server binaries are, if installed.
 pub fn bin_dir() -> Option<PathBuf> {
@@ -127,7 +133,7 @@ impl Postgres {
 
     /// The URL of database `postgres` on this server.
     pub fn url(&self) -> String {
-        format!("postgresql://postgres@127.0.0.1:{}/postgres?connect_timeout=3", self.port)
+        url_on(self.port)
     }
 
     /// A streaming standby of this server, started on its own port.
@@ -196,4 +202,99 @@ impl Drop for Postgres {
 fn chown_postgres(path: &Path) {
     let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().expect("chown");
     assert!(status.success(), "chown postgres {path:?}");
+}
+
+/// The URL of database `postgres` through `port`.
+fn url_on(port: u16) -> String {
+    format!("postgresql://postgres@127.0.0.1:{port}/postgres?connect_timeout=3")
+}
+
+/// A TCP proxy to a server that can freeze: while frozen it neither reads
+/// nor delivers a byte in either direction, and closes nothing (new
+/// connections are accepted and then hang too) — what a blackholed network
+/// looks like to the client. Stops when dropped.
+pub struct Proxy {
+    pub port: u16,
+    frozen: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Starts forwarding `127.0.0.1:PORT` to the server on `target`.
+    pub fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let (frozen, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (f, st) = (frozen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                        for (from, to) in
+                            [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                        {
+                            let (f, st) = (f.clone(), st.clone());
+                            std::thread::spawn(move || pump(from, to, &f, &st));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Proxy { port, frozen, stop }
+    }
+
+    /// The URL of database `postgres` through the proxy.
+    pub fn url(&self) -> String {
+        url_on(self.port)
+    }
+
+    /// Holds every byte from now on.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Delivers again, held bytes first.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to`, holding bytes while `frozen`, until either side
+/// closes or `stop` is set (then both are shut down).
+fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool, stop: &AtomicBool) {
+    from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let hold = || {
+        while frozen.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    while !stop.load(Ordering::SeqCst) {
+        hold();
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                continue;
+            }
+            Err(_) => break,
+        };
+        // Bytes read just as the freeze began are held too.
+        hold();
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
