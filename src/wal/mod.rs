@@ -20,14 +20,47 @@
 //! | 8 | event sequence number, little-endian u64 (first bytes of the payload) |
 //! | n | the event, postcard-encoded as in the `events` table |
 //!
-//! A frame that is cut short or fails its checksum ends the log: it was
-//! being written when the process died, so it was never acknowledged.
+//! # Reading it back
+//!
+//! [`scan`] reads the intact frames from the start. A frame cut short or
+//! failing its checksum with nothing intact after it is a torn tail — the
+//! append that was running when the process died, never acknowledged — and
+//! is dropped. A bad frame with intact frames after it is damage: stopping
+//! there would silently drop acknowledged writes, so the store refuses to
+//! open and names the file, the offset and the frames after it;
+//! `prefsd recover` ([`crate::store::repair`]) is the way forward.
+//!
+//! # Failures (fsyncgate)
+//!
+//! A failed `fdatasync` is never retried on the same data: after it the
+//! page cache may hold bytes that never reached the disk and report them
+//! clean. So when an append's write or sync fails, the batch is refused and
+//! the log is cut back to where it was *before* anything else is appended:
+//! `set_len` drops the refused bytes from the page cache (and from the
+//! disk's view of the file), then one `fdatasync` makes the shorter length
+//! durable. The log's own idea of its length follows the file at each step —
+//! it becomes the mark as soon as `set_len` succeeds, whatever the sync then
+//! does — so the next append never leaves a hole of zeros in front of it.
+//!
+//! If the cut-back itself fails, the refused frames may still be on disk,
+//! and a restart would replay a batch that was answered 500. The log is then
+//! *stuck* ([`AppendError::stuck`]): the store marks itself broken (no more
+//! writes until a restart) and records, durably in redb, the first refused
+//! sequence number, which the next open drops from the replay; if redb cannot
+//! take that either, it zeroes the first refused frame's header, so the next
+//! open finds damage and refuses to start rather than replay it.
 
-use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+mod file;
+mod scan;
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+pub use file::{LogFile, WrapFile, sync_dir};
+pub use scan::{Damage, Frame, Scan, scan};
 
 /// The log's file name inside the data directory.
 pub const FILE_NAME: &str = "prefsd.wal";
@@ -70,54 +103,70 @@ impl Frames {
     }
 }
 
+/// A refused append.
+#[derive(Debug)]
+pub struct AppendError {
+    /// Why the write or its sync failed.
+    pub cause: io::Error,
+    /// Set when the log could not be cut back either: the refused frames
+    /// may still be in the file.
+    pub stuck: Option<io::Error>,
+}
+
+impl fmt::Display for AppendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot append to it: {}", self.cause)?;
+        if let Some(cut) = &self.stuck {
+            write!(f, "; nor cut the refused batch from it: {cut}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The open log, owned by whoever commits (the writer thread).
 #[derive(Debug)]
 pub struct Wal {
-    file: File,
+    file: Box<dyn LogFile>,
+    path: PathBuf,
+    /// Where the next append goes: the file's length as far as the log
+    /// knows it.
     len: u64,
     since: Instant,
 }
 
 impl Wal {
-    /// Opens the log in `dir` for appending after whatever it holds.
-    pub fn open(dir: &Path) -> std::io::Result<Wal> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join(FILE_NAME))?;
-        let len = file.metadata()?.len();
-        Ok(Wal { file, len, since: Instant::now() })
+    /// Opens the log in `dir` for appending after whatever it holds,
+    /// creating it (and syncing `dir`) if it is not there; `wrap`, if given,
+    /// stands between the log and its file.
+    pub fn open(dir: &Path, wrap: Option<&WrapFile>) -> io::Result<Wal> {
+        let path = dir.join(FILE_NAME);
+        let existed = path.exists();
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        if !existed {
+            sync_dir(dir)?;
+        }
+        let file: Box<dyn LogFile> = match wrap {
+            Some(w) => (w.0)(file),
+            None => Box::new(file),
+        };
+        let len = file.len()?;
+        Ok(Wal { file, path, len, since: Instant::now() })
     }
 
-    /// Every intact frame from the start, as `(seq, encoded event)`, in
-    /// file order; stops at the first torn or corrupt frame.
-    pub fn frames(&mut self) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-        let mut bytes = Vec::new();
-        (&self.file).read_to_end(&mut bytes)?;
-        let mut out = Vec::new();
-        let mut rest = &bytes[..];
-        while rest.len() >= HEADER {
-            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-            if !(8..=MAX_FRAME).contains(&len) || rest.len() < HEADER + len {
-                break;
-            }
-            let payload = &rest[HEADER..HEADER + len];
-            if crc32fast::hash(payload) != crc {
-                break;
-            }
-            let seq = u64::from_le_bytes(payload[..8].try_into().expect("eight bytes"));
-            out.push((seq, payload[8..].to_vec()));
-            rest = &rest[HEADER + len..];
-        }
-        Ok(out)
+    /// The log file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the whole log back (see [`scan`]).
+    pub fn scan(&self) -> io::Result<Scan> {
+        Ok(scan(&self.file.read_all()?))
     }
 
     /// Appends a batch and waits until it is on disk. On failure the log is
-    /// cut back to where it was, so a failed batch never replays.
-    pub fn append(&mut self, frames: &Frames) -> std::io::Result<()> {
+    /// cut back to where it was, so a refused batch never replays — unless
+    /// [`AppendError::stuck`] says even that failed.
+    pub fn append(&mut self, frames: &Frames) -> Result<(), AppendError> {
         if frames.is_empty() {
             return Ok(());
         }
@@ -125,22 +174,33 @@ impl Wal {
         let written = self.file.write_all_at(&frames.buf, mark).and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
-                self.len += frames.buf.len() as u64;
+                self.len = mark + frames.buf.len() as u64;
                 Ok(())
             }
-            Err(e) => {
-                self.cut(mark)?;
-                Err(e)
-            }
+            // Never sync the same bytes again: drop them, then sync the cut.
+            Err(cause) => Err(AppendError { cause, stuck: self.cut(mark).err() }),
         }
     }
 
-    /// Cuts the log back to `len` bytes, durably.
-    pub fn cut(&mut self, len: u64) -> std::io::Result<()> {
-        self.file.set_len(len)?;
-        self.file.sync_data()?;
+    /// Cuts the log back to `len` bytes, durably: `set_len`, then one
+    /// `fdatasync`. The log appends at `len` from the moment `set_len`
+    /// succeeds; an error means the file on disk may still be longer.
+    pub fn cut(&mut self, len: u64) -> io::Result<()> {
+        if let Err(e) = self.file.set_len(len) {
+            // Whatever the file now holds, append after it, never inside it.
+            self.len = self.file.len().unwrap_or(self.len).max(self.len);
+            return Err(e);
+        }
         self.len = len;
-        Ok(())
+        self.file.sync_data()
+    }
+
+    /// Zeroes the frame header at `offset` and syncs, so a frame there
+    /// reads as damage: the last resort when a refused batch could not be
+    /// cut back and redb cannot record it either.
+    pub fn poison(&mut self, offset: u64) -> io::Result<()> {
+        self.file.write_all_at(&[0u8; HEADER], offset)?;
+        self.file.sync_data()
     }
 
     /// The log's length in bytes.
@@ -159,7 +219,7 @@ impl Wal {
     }
 
     /// Empties the log once redb holds everything in it durably.
-    pub fn reset(&mut self) -> std::io::Result<()> {
+    pub fn reset(&mut self) -> io::Result<()> {
         self.cut(0)?;
         self.since = Instant::now();
         Ok(())
