@@ -229,15 +229,24 @@ impl Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn temp() -> tempfile::TempDir {
         tempfile::tempdir().expect("temp dir")
     }
 
+    fn raw(dir: &Path) -> std::fs::File {
+        OpenOptions::new().write(true).open(dir.join(FILE_NAME)).unwrap()
+    }
+
+    fn events(scan: &Scan) -> Vec<(u64, Vec<u8>)> {
+        scan.frames.iter().map(|f| (f.seq, f.event.clone())).collect()
+    }
+
     #[test]
     fn frames_round_trip_and_a_torn_tail_ends_the_log() {
         let dir = temp();
-        let mut wal = Wal::open(dir.path()).unwrap();
+        let mut wal = Wal::open(dir.path(), None).unwrap();
         let mut frames = Frames::default();
         frames.push(7, b"seven");
         frames.push(8, b"eight!");
@@ -245,31 +254,71 @@ mod tests {
         // A torn third frame: the header promises more than was written.
         let mut torn = Frames::default();
         torn.push(9, b"nine");
-        let cut = &torn.buf[..torn.buf.len() - 2];
-        wal.file.write_all_at(cut, wal.len).unwrap();
-        let mut reopened = Wal::open(dir.path()).unwrap();
-        let read = reopened.frames().unwrap();
-        assert_eq!(read, vec![(7, b"seven".to_vec()), (8, b"eight!".to_vec())]);
+        FileExt::write_all_at(&raw(dir.path()), &torn.buf[..torn.buf.len() - 2], wal.len()).unwrap();
+        let scan = Wal::open(dir.path(), None).unwrap().scan().unwrap();
+        assert_eq!(events(&scan), vec![(7, b"seven".to_vec()), (8, b"eight!".to_vec())]);
+        assert!(scan.torn_tail() && scan.damage.is_none(), "{scan:?}");
     }
 
     #[test]
-    fn a_flipped_bit_ends_the_log_at_that_frame() {
+    fn a_flipped_bit_in_the_last_frame_is_a_torn_tail() {
         let dir = temp();
-        let mut wal = Wal::open(dir.path()).unwrap();
+        let mut wal = Wal::open(dir.path(), None).unwrap();
         let mut frames = Frames::default();
         frames.push(1, b"one");
         frames.push(2, b"two");
         wal.append(&frames).unwrap();
         let second = (HEADER + 8 + 3) as u64;
-        wal.file.write_all_at(b"X", second + HEADER as u64 + 8).unwrap();
-        let read = Wal::open(dir.path()).unwrap().frames().unwrap();
-        assert_eq!(read, vec![(1, b"one".to_vec())]);
+        FileExt::write_all_at(&raw(dir.path()), b"X", second + HEADER as u64 + 8).unwrap();
+        let scan = Wal::open(dir.path(), None).unwrap().scan().unwrap();
+        assert_eq!(events(&scan), vec![(1, b"one".to_vec())]);
+        assert!(scan.torn_tail(), "{scan:?}");
+    }
+
+    #[test]
+    fn a_damaged_middle_frame_is_damage_with_the_frames_after_it() {
+        let dir = temp();
+        let mut wal = Wal::open(dir.path(), None).unwrap();
+        let mut frames = Frames::default();
+        for seq in 1..=10u64 {
+            frames.push(seq, format!("event {seq}").as_bytes());
+        }
+        wal.append(&frames).unwrap();
+        let size = (HEADER + 8 + "event 1".len()) as u64;
+        // A flipped byte in the payload of event 4, and zeroed header of event 5.
+        FileExt::write_all_at(&raw(dir.path()), b"?", 3 * size + HEADER as u64 + 9).unwrap();
+        FileExt::write_all_at(&raw(dir.path()), &[0; HEADER], 4 * size).unwrap();
+        let scan = Wal::open(dir.path(), None).unwrap().scan().unwrap();
+        assert_eq!(scan.frames.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let damage = scan.damage.expect("damage");
+        assert_eq!(damage.offset, 3 * size);
+        assert_eq!(damage.later.iter().map(|f| f.seq).collect::<Vec<_>>(), [6, 7, 8, 9, 10]);
+        assert_eq!(damage.later[0].offset, 5 * size);
+    }
+
+    #[test]
+    fn a_frame_inside_an_event_with_a_lower_sequence_is_not_taken_for_one() {
+        let dir = temp();
+        let mut wal = Wal::open(dir.path(), None).unwrap();
+        let mut inner = Frames::default();
+        inner.push(1, b"smuggled");
+        let mut frames = Frames::default();
+        frames.push(5, b"five");
+        let mut carrier = b"xx".to_vec();
+        carrier.extend_from_slice(&inner.buf);
+        frames.push(6, &carrier);
+        wal.append(&frames).unwrap();
+        // Damage the carrier's header: the frame inside it has seq 1 < 5.
+        let at = (HEADER + 8 + 4) as u64;
+        FileExt::write_all_at(&raw(dir.path()), &[0xff; 4], at + 4).unwrap();
+        let scan = Wal::open(dir.path(), None).unwrap().scan().unwrap();
+        assert!(scan.torn_tail(), "{scan:?}");
     }
 
     #[test]
     fn reset_empties_and_appends_start_over() {
         let dir = temp();
-        let mut wal = Wal::open(dir.path()).unwrap();
+        let mut wal = Wal::open(dir.path(), None).unwrap();
         let mut frames = Frames::default();
         frames.push(1, b"one");
         wal.append(&frames).unwrap();
@@ -279,6 +328,8 @@ mod tests {
         let mut next = Frames::default();
         next.push(2, b"two");
         wal.append(&next).unwrap();
-        assert_eq!(Wal::open(dir.path()).unwrap().frames().unwrap(), vec![(2, b"two".to_vec())]);
+        let scan = Wal::open(dir.path(), None).unwrap().scan().unwrap();
+        assert_eq!(events(&scan), vec![(2, b"two".to_vec())]);
+        assert!(!scan.torn_tail());
     }
 }
