@@ -176,7 +176,8 @@ fn a_damaged_middle_frame_refuses_to_open_and_recover_brings_it_back() {
     assert!(stderr.contains(&format!("at byte {offset}")) && stderr.contains("prefsd recover"), "{stderr}");
 
     // The operator's way forward.
-    let out = Command::new(env!("CARGO_BIN_EXE_prefsd")).args(["recover", "--data"]).arg(&image).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_prefsd")).args(["recover", "--data"]).arg(&image).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "recover failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("replayed 10 events"), "{stdout}");
@@ -185,9 +186,12 @@ fn a_damaged_middle_frame_refuses_to_open_and_recover_brings_it_back() {
         assert!(stdout.contains(&format!("customer {c} rating/email opted_out")), "customer {c}: {stdout}");
     }
     // A copy of the damaged log, byte for byte, and the dropped changes for `prefsd import`.
-    let names: Vec<String> =
-        std::fs::read_dir(&image).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    let copy = names.iter().find(|n| n.starts_with("prefsd.wal.damaged-")).expect("a copy of the damaged log");
+    let names: Vec<String> = std::fs::read_dir(&image)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let copy =
+        names.iter().find(|n| n.starts_with("prefsd.wal.damaged-")).expect("a copy of the damaged log");
     assert_eq!(wal::scan(&std::fs::read(image.join(copy)).unwrap()).damage.unwrap().offset, offset);
     let dropped = names.iter().find(|n| n.ends_with(".ndjson")).expect("the dropped changes");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(image.join(dropped))
@@ -209,10 +213,17 @@ fn a_damaged_middle_frame_refuses_to_open_and_recover_brings_it_back() {
     let (seq, last) = events.last().unwrap();
     assert_eq!(*seq, 32, "the recovery event never reuses a dropped sequence number");
     let Event::Recovery(note) = last else { panic!("the last event is {last:?}") };
-    assert_eq!((note.offset, note.replayed, note.dropped, note.dropped_seqs), (offset, 10, 20, Some((12, 31))));
+    assert_eq!(
+        (note.offset, note.replayed, note.dropped, note.dropped_seqs),
+        (offset, 10, 20, Some((12, 31)))
+    );
     assert_eq!(&note.copy, copy);
     let kept = wal::scan(&std::fs::read(image.join(copy)).unwrap()).damage.unwrap();
-    assert_eq!(note.unreadable_bytes, kept.later[0].offset - offset, "exactly the damaged frame is unreadable");
+    assert_eq!(
+        note.unreadable_bytes,
+        kept.later[0].offset - offset,
+        "exactly the damaged frame is unreadable"
+    );
     assert_eq!(store.last_seq().unwrap(), 32);
     drop(store);
 
@@ -224,7 +235,11 @@ fn a_damaged_middle_frame_refuses_to_open_and_recover_brings_it_back() {
     assert_eq!(check["allowed"], true, "{check}");
     let put = child
         .client
-        .call("PUT", "/v1/customers/99/preferences/rating/email", Some(&serde_json::json!({"status": "opted_out"})))
+        .call(
+            "PUT",
+            "/v1/customers/99/preferences/rating/email",
+            Some(&serde_json::json!({"status": "opted_out"})),
+        )
         .unwrap();
     assert_eq!(put["seq"], 33, "{put}");
 }

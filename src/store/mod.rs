@@ -427,7 +427,11 @@ impl Store {
         drop(batch._db);
         self.commit_durably(txn, state)?;
         if refused > 0 {
-            tracing::warn!(refused, from_seq = limit, "dropped a refused batch that could not be cut from the write-ahead log");
+            tracing::warn!(
+                refused,
+                from_seq = limit,
+                "dropped a refused batch that could not be cut from the write-ahead log"
+            );
         }
         if refused_from.is_some() {
             // Only now that the log is empty: earlier, a crash would let
@@ -458,7 +462,11 @@ impl Store {
             "a refused batch could not be cut from the write-ahead log ({why}); \
              writes are refused until prefsd is restarted, which drops that batch"
         ));
-        tracing::error!(error = why, first_seq = first, "write-ahead log stuck: refusing writes until a restart");
+        tracing::error!(
+            error = why,
+            first_seq = first,
+            "write-ahead log stuck: refusing writes until a restart"
+        );
         let recorded = (|| -> Result<(), StoreError> {
             let db = self.db()?;
             let txn = db.begin_write()?;
