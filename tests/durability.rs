@@ -291,8 +291,8 @@ impl LogFile for FailingFile {
         self.file.set_len(len)
     }
 
-    fn len(&self) -> io::Result<u64> {
-        LogFile::len(&self.file)
+    fn size(&self) -> io::Result<u64> {
+        self.file.size()
     }
 }
 

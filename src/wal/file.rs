@@ -20,8 +20,8 @@ pub trait LogFile: Send + Sync + fmt::Debug {
     fn sync_data(&self) -> io::Result<()>;
     /// `ftruncate`.
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// The file's length.
-    fn len(&self) -> io::Result<u64>;
+    /// The file's length in bytes.
+    fn size(&self) -> io::Result<u64>;
 }
 
 impl LogFile for File {
@@ -45,7 +45,7 @@ impl LogFile for File {
         File::set_len(self, len)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 }

@@ -149,7 +149,7 @@ impl Wal {
             Some(w) => (w.0)(file),
             None => Box::new(file),
         };
-        let len = file.len()?;
+        let len = file.size()?;
         Ok(Wal { file, path, len, since: Instant::now() })
     }
 
@@ -188,7 +188,7 @@ impl Wal {
     pub fn cut(&mut self, len: u64) -> io::Result<()> {
         if let Err(e) = self.file.set_len(len) {
             // Whatever the file now holds, append after it, never inside it.
-            self.len = self.file.len().unwrap_or(self.len).max(self.len);
+            self.len = self.file.size().unwrap_or(self.len).max(self.len);
             return Err(e);
         }
         self.len = len;
