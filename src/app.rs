@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 use crate::token::{TokenKey, Tokens};
 use crate::writer::{Writer, WriterConfig};
 
@@ -74,6 +74,7 @@ fn token_keys(config: &Config) -> Result<Vec<TokenKey>, String> {
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
             f.write_all(line.as_bytes())
                 .and_then(|()| f.sync_all())
+                .and_then(|()| crate::wal::sync_dir(&config.data))
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             tracing::warn!(
                 path = %path.display(),
@@ -90,7 +91,8 @@ impl App {
     /// Opens the store in `config.data`, loads the index and starts the writer.
     pub fn open(config: Config) -> Result<App, String> {
         let started = std::time::Instant::now();
-        let store = Arc::new(Store::open(&config.data).map_err(|e| e.to_string())?);
+        let options = StoreOptions { cache_bytes: config.cache_bytes, ..StoreOptions::default() };
+        let store = Arc::new(Store::open_with(&config.data, options).map_err(|e| e.to_string())?);
         let tokens = Tokens::new(token_keys(&config)?, config.token_lifetime.as_secs())?;
         let limiter = RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
         let loaded = store.load(&config.channels).map_err(|e| e.to_string())?;
@@ -105,6 +107,7 @@ impl App {
         );
         let metrics = Arc::new(Metrics::new());
         metrics.set_last_seq(loaded.last_seq);
+        metrics.set_wal_replayed(store.replayed());
         let index = Arc::new(RwLock::new(loaded.index));
         let (mut writer, thread) = Writer::start(
             store.clone(),

@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// Most writes sharing one commit [default: 4096].
     #[arg(long, env = "PREFSD_COMMIT_BATCH_MAX")]
     pub commit_batch_max: Option<usize>,
+    /// Memory for redb's page cache and write buffer, in bytes [default: 33554432].
+    #[arg(long, env = "PREFSD_CACHE_BYTES")]
+    pub cache_bytes: Option<usize>,
     /// Seconds between index snapshots while writes arrive [default: 60].
     #[arg(long, env = "PREFSD_SNAPSHOT_INTERVAL_SECS")]
     pub snapshot_interval_secs: Option<u64>,
@@ -107,6 +110,7 @@ pub struct FileConfig {
     max_bulk_body_bytes: Option<usize>,
     max_batch_items: Option<usize>,
     commit_batch_max: Option<usize>,
+    cache_bytes: Option<usize>,
     snapshot_interval_secs: Option<u64>,
     public_url: Option<String>,
     #[serde(default)]
@@ -174,6 +178,9 @@ pub struct Config {
     pub max_batch_items: usize,
     /// Writes per commit, at most.
     pub commit_batch_max: usize,
+    /// redb's cache size (read cache plus write buffer), which bounds
+    /// most of the sidecar's memory beyond the index.
+    pub cache_bytes: usize,
     /// Time between snapshots.
     pub snapshot_interval: Duration,
     /// Base URL of opt-out links, without a trailing slash.
@@ -386,6 +393,11 @@ impl Config {
             args.commit_batch_max.or(file.commit_batch_max).unwrap_or(4096),
             &mut errors,
         );
+        let cache_bytes = positive(
+            "cache_bytes",
+            args.cache_bytes.or(file.cache_bytes).unwrap_or(crate::store::DEFAULT_CACHE_BYTES),
+            &mut errors,
+        );
         let snapshot_interval = Duration::from_secs(
             args.snapshot_interval_secs.or(file.snapshot_interval_secs).unwrap_or(60).max(1),
         );
@@ -470,6 +482,7 @@ impl Config {
             max_bulk_body_bytes,
             max_batch_items,
             commit_batch_max,
+            cache_bytes,
             snapshot_interval,
             public_url,
             token_keys,

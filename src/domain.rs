@@ -414,6 +414,30 @@ pub enum Event {
     Preference(PreferenceChange),
     /// A service was created, renamed or archived.
     Service(ServiceChange),
+    /// `prefsd recover` dropped part of a damaged write-ahead log. Added
+    /// last, so stored events keep their postcard encoding.
+    Recovery(RecoveryNote),
+}
+
+/// What `prefsd recover` dropped from a damaged write-ahead log: the audit
+/// log's record of the loss. It changes no preference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryNote {
+    /// When the recovery ran.
+    pub at: Micros,
+    /// The copy of the damaged log that was kept, by file name.
+    pub copy: String,
+    /// Byte offset of the first damaged frame.
+    pub offset: u64,
+    /// Events replayed from before the damage.
+    pub replayed: u64,
+    /// Intact frames after the damage that were dropped.
+    pub dropped: u64,
+    /// Their sequence numbers, lowest and highest, if any; those numbers
+    /// are never given to another event.
+    pub dropped_seqs: Option<(u64, u64)>,
+    /// Bytes of the log that were not an intact frame.
+    pub unreadable_bytes: u64,
 }
 
 #[cfg(test)]

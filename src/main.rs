@@ -55,6 +55,16 @@ enum Command {
     /// Opt-out link tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Offline, with prefsd stopped: recover a data directory whose write-ahead log is damaged.
+    ///
+    /// Keeps a copy of the damaged log, replays everything before the damage, lists the events it
+    /// drops (their preference changes go to an NDJSON file for `prefsd import`) and records the
+    /// loss as an audit event.
+    Recover {
+        /// The data directory.
+        #[arg(long, env = "PREFSD_DATA")]
+        data: std::path::PathBuf,
+    },
     /// Exit 0 if the sidecar at --url is ready (GET /readyz answers 200), 1 if not: for health checks.
     Health,
 }
@@ -135,6 +145,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Recover { data } => recover(&data),
         other => {
             let client = Client::new(&cli.url, cli.key);
             run_client(&client, other)
@@ -185,6 +196,13 @@ fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     })
 }
 
+fn recover(data: &std::path::Path) -> Result<ExitCode, String> {
+    init_logs(LogFormat::Text);
+    let done = prefsd::store::repair(data).map_err(|e| format!("cannot recover {}: {e}", data.display()))?;
+    println!("{done}");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Logs go to stderr, one line per event (JSON objects with `log_format =
 /// json`); `PREFSD_LOG` filters them (default `info`, which includes one
 /// line per request on target `prefsd::request`).
@@ -208,7 +226,7 @@ fn print(value: &serde_json::Value) {
 
 fn run_client(client: &Client, command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Serve(_) | Command::Recover { .. } => unreachable!("handled by main"),
         Command::Services(cmd) => {
             let value = match cmd {
                 ServicesCmd::List => client.call("GET", "/v1/services", None)?,

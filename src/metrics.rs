@@ -427,6 +427,8 @@ pub struct Metrics {
     commit_seconds: Histogram,
     commit_batch: Histogram,
     last_seq: Gauge<u64, AtomicU64>,
+    /// Events the start-up replayed from the write-ahead log.
+    wal_replayed: Gauge<u64, AtomicU64>,
     /// Cluster mode: events PostgreSQL has that this sidecar has not applied.
     replication_lag: Gauge<u64, AtomicU64>,
     /// Cluster mode: 1 while the follower's PostgreSQL connection is up.
@@ -465,6 +467,12 @@ impl Metrics {
         sub.register("commit_batch_size", "Writes sharing one durable commit", commit_batch.clone());
         let last_seq = Gauge::<u64, AtomicU64>::default();
         sub.register("last_applied_sequence", "Sequence number of the last applied event", last_seq.clone());
+        let wal_replayed = Gauge::<u64, AtomicU64>::default();
+        sub.register(
+            "wal_replayed_events",
+            "Events the last start replayed from the write-ahead log (redb had lost them in a crash)",
+            wal_replayed.clone(),
+        );
         let replication_lag = Gauge::<u64, AtomicU64>::default();
         sub.register(
             "replication_lag_events",
@@ -518,6 +526,7 @@ impl Metrics {
             commit_seconds,
             commit_batch,
             last_seq,
+            wal_replayed,
             replication_lag,
             postgres_up,
             follower_errors,
@@ -594,6 +603,11 @@ impl Metrics {
     /// Records the sequence number of the last applied event.
     pub fn set_last_seq(&self, seq: u64) {
         self.last_seq.set(seq);
+    }
+
+    /// Records how many events the start-up replayed from the write-ahead log.
+    pub fn set_wal_replayed(&self, events: u64) {
+        self.wal_replayed.set(events);
     }
 
     /// Counts one committed event.

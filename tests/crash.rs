@@ -1,7 +1,16 @@
 //! Crash safety: a `prefsd serve` child under concurrent durable writes is
 //! killed with SIGKILL, restarted on the same data directory, and must have
 //! kept every write it acknowledged, with an intact audit log and checks
-//! that follow the resolution rule over that log. Several cycles.
+//! that follow the resolution rule over that log. Several cycles. Each
+//! start after a kill must have replayed events from the write-ahead log
+//! (`prefsd_wal_replayed_events` > 0), so the test cannot pass by never
+//! needing the log.
+//!
+//! SIGKILL keeps the page cache: a write that reached the log file but was
+//! never `fdatasync`ed survives it, so this test cannot notice a missing
+//! fsync. `tests/fsync_trace.rs` covers that: it traces the sidecar's
+//! syscalls and checks that every acknowledgement follows an `fdatasync` of
+//! the log.
 
 mod rule;
 mod util;
@@ -177,16 +186,30 @@ fn audit(client: &Client) -> Vec<Entry> {
     }
 }
 
-/// `prefsd_last_applied_sequence` (whatever the prefix) from `/metrics`.
-fn last_applied(client: &Client) -> u64 {
+/// The gauge whose name ends with `suffix` (whatever the prefix) from `/metrics`.
+fn gauge(client: &Client, suffix: &str) -> u64 {
     let text = String::from_utf8(client.send("GET", "/metrics", None, None).unwrap().body).unwrap();
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
             let (name, value) = l.split_once(' ')?;
-            name.ends_with("last_applied_sequence").then(|| value.trim().parse().unwrap())
+            name.ends_with(suffix).then(|| value.trim().parse().unwrap())
         })
-        .expect("/metrics shows the last applied sequence number")
+        .unwrap_or_else(|| panic!("/metrics shows {suffix}"))
+}
+
+/// `prefsd_last_applied_sequence` from `/metrics`.
+fn last_applied(client: &Client) -> u64 {
+    gauge(client, "last_applied_sequence")
+}
+
+/// After a start that followed a SIGKILL: the events it replayed from the
+/// write-ahead log, which must be some (the writers ran until the kill,
+/// and a checkpoint empties the log at most every 2 s).
+fn assert_replayed(client: &Client, cycle: usize) {
+    let replayed = gauge(client, "wal_replayed_events");
+    eprintln!("after kill {cycle}: {replayed} events replayed from the write-ahead log");
+    assert!(replayed > 0, "the start after kill {cycle} replayed nothing: the test never needed the log");
 }
 
 /// After a restart: every acknowledged write is in the audit log as
@@ -300,6 +323,7 @@ fn acknowledged_writes_survive_sigkill_under_load() {
             create_service(&child.client, service);
             services.push(service.to_owned());
         } else {
+            assert_replayed(&child.client, cycle);
             log = verify(&child.client, &acked, &services, &log);
         }
         // A clean stop snapshots the index here, so the load after the kill
@@ -352,9 +376,12 @@ fn acknowledged_writes_survive_sigkill_under_load() {
 
     // The last kill, checked; then a clean stop and a start from its snapshot.
     let mut child = util::ChildSidecar::start(&data, &env);
+    assert_replayed(&child.client, CYCLES);
     log = verify(&child.client, &acked, &services, &log);
     assert!(log.len() >= acked.len());
     assert!(child.terminate().success());
     let child = util::ChildSidecar::start(&data, &env);
+    // A clean stop checkpoints: the next start has nothing to replay.
+    assert_eq!(gauge(&child.client, "wal_replayed_events"), 0, "replayed after a clean stop");
     assert_eq!(verify(&child.client, &acked, &services, &log), log);
 }

@@ -236,7 +236,7 @@ pub async fn audit<B>(app: &App, req: &Incoming<B>) -> Result<Reply> {
         .into_iter()
         .filter_map(|(seq, e)| match e {
             crate::domain::Event::Preference(c) => Some(AuditView::new(seq, c)),
-            crate::domain::Event::Service(_) => None,
+            crate::domain::Event::Service(_) | crate::domain::Event::Recovery(_) => None,
         })
         .collect();
     Ok(json(StatusCode::OK, &AuditPage { entries, next_after }))

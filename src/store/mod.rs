@@ -6,7 +6,14 @@
 //! A durable batch is made durable by the [`crate::wal`] (one append and one
 //! `fdatasync`) before redb commits it with `Durability::None`; checkpoints
 //! make redb durable and empty the log, and [`Store::open`] replays what a
-//! crash left in it.
+//! crash left in it — or, when the log is damaged, refuses to open (see
+//! [`crate::wal`]); [`repair`] is `prefsd recover`.
+//!
+//! redb latches after an I/O error (every later operation fails until the
+//! database is reopened): after a failed commit or checkpoint the next
+//! write batch reopens it and replays the log, so writes resume once a full
+//! disk has room again. Its cache (read cache and write buffer together)
+//! is [`StoreOptions::cache_bytes`], which bounds the store's memory.
 //!
 //! # Tables
 //!
@@ -21,14 +28,19 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ChannelName, CustomerId, Event, PreferenceChange, Record, Scope, Service, ServiceSlug};
 use crate::index::{IdSet, Index};
-use crate::wal::{Frames, Wal};
+use crate::wal::{Frames, Wal, WrapFile, sync_dir};
+
+mod repair;
+pub use repair::{Repair, repair};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
@@ -39,6 +51,33 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 /// The on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
+
+/// The redb file's name inside the data directory.
+pub const DB_FILE: &str = "prefsd.redb";
+
+/// Default redb cache: with 1M stored opt-outs under sustained writes the
+/// sidecar stays near 100 MiB resident (redb's own default, 1 GiB, let it
+/// reach 305 MB while importing).
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+
+/// `meta` key: the first sequence number of a refused batch that could not
+/// be cut from the log; the next replay drops it and everything after it.
+const REFUSED_FROM: &str = "wal_refused_from";
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// redb's cache size in bytes.
+    pub cache_bytes: usize,
+    /// Stands between the write-ahead log and its file (tests fail it on demand).
+    pub wrap_log: Option<WrapFile>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { cache_bytes: DEFAULT_CACHE_BYTES, wrap_log: None }
+    }
+}
 
 /// What went wrong in the store.
 #[derive(Debug)]
@@ -57,6 +96,19 @@ pub enum StoreError {
     Io(PathBuf, std::io::Error),
     /// The write-ahead log could not be written or read.
     Wal(String),
+    /// The write-ahead log has a damaged frame with intact frames after it.
+    WalDamaged {
+        /// The log file.
+        path: PathBuf,
+        /// Byte offset of the damaged frame.
+        offset: u64,
+        /// Intact frames after it.
+        later: usize,
+        /// Their lowest and highest sequence numbers.
+        seqs: (u64, u64),
+    },
+    /// The database is closed for a reopen after an I/O error.
+    Unavailable,
 }
 
 impl fmt::Display for StoreError {
@@ -70,6 +122,21 @@ impl fmt::Display for StoreError {
             ),
             StoreError::Io(p, e) => write!(f, "cannot use data directory {}: {e}", p.display()),
             StoreError::Wal(e) => write!(f, "write-ahead log: {e}"),
+            StoreError::WalDamaged { path, offset, later, seqs } => write!(
+                f,
+                "the write-ahead log {} is damaged at byte {offset}, and {later} intact frames \
+                 (events {} to {}) follow the damage: they may be acknowledged writes, so prefsd \
+                 will not start and drop them silently. With prefsd stopped, run \
+                 `prefsd recover --data {}`: it keeps a copy of the log, replays everything before \
+                 byte {offset}, lists the events it drops and records the loss in the audit log",
+                path.display(),
+                seqs.0,
+                seqs.1,
+                path.parent().unwrap_or(Path::new(".")).display()
+            ),
+            StoreError::Unavailable => {
+                f.write_str("the store is being reopened after an I/O error; try again")
+            }
         }
     }
 }
@@ -119,17 +186,27 @@ struct SnapshotMeta {
 /// The redb database behind a sidecar. Cheap to share: redb serializes
 /// writers itself and readers never block.
 pub struct Store {
-    db: Database,
+    dir: PathBuf,
+    cache_bytes: usize,
+    /// `None` only while [`Store::reopen`] swaps it. Every transaction is
+    /// opened on a clone of the `Arc`, kept until it ends, so a reopen can
+    /// tell when nobody uses the old database any more.
+    db: RwLock<Option<Arc<Database>>>,
     /// Only the writer thread appends; the lock also keeps a checkpoint
     /// from racing a commit.
     wal: Mutex<WalState>,
+    /// Set after a failed redb commit: redb fails everything after an I/O
+    /// error until it is reopened.
+    needs_reopen: AtomicBool,
+    /// Events the last open (or reopen) replayed from the log.
+    replayed: AtomicU64,
 }
 
 struct WalState {
     wal: Wal,
-    /// Set when the log could not be cut back after a failed commit: its
-    /// tail would replay a batch that was refused, so nothing more is
-    /// accepted until a restart replays and repairs it.
+    /// Set when the log could not be cut back after a refused batch: its
+    /// tail may hold that batch, so nothing more is accepted until a restart
+    /// drops it (see the `wal` module doc).
     broken: Option<String>,
 }
 
@@ -148,6 +225,10 @@ pub struct Loaded {
 /// A write transaction over one batch: the writer's view of the tables.
 pub struct Batch<'s> {
     txn: redb::WriteTransaction,
+    /// Held while the transaction lives (see [`Store::reopen`]).
+    _db: Arc<Database>,
+    /// The first sequence number this batch gives out.
+    first_seq: u64,
     next_seq: u64,
     commit: Commit,
     /// The batch's events, for the write-ahead log (kept only when `Logged`).
@@ -199,7 +280,7 @@ impl Tables<'_> {
     pub fn append(&mut self, event: &Event) -> Result<(u64, Option<Record>), StoreError> {
         let prior = match event {
             Event::Preference(change) => self.record(change.customer, &change.scope)?,
-            Event::Service(_) => None,
+            Event::Service(_) | Event::Recovery(_) => None,
         };
         self.append_after(event, prior.as_ref())
     }
@@ -231,6 +312,7 @@ impl Tables<'_> {
             Event::Service(change) => {
                 self.services.insert(change.service.slug.as_str(), encode(&change.service).as_slice())?;
             }
+            Event::Recovery(_) => {}
         }
         let bytes = encode(event);
         self.events.insert(seq, bytes.as_slice())?;
@@ -243,64 +325,202 @@ impl Tables<'_> {
 }
 
 impl Store {
-    /// Opens (or creates) `prefsd.redb` in `dir`, creating `dir` if needed.
+    /// Opens (or creates) `prefsd.redb` in `dir`, creating `dir` if needed,
+    /// with the default options.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
-        let db = Database::create(dir.join("prefsd.redb"))?;
-        let txn = db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let version = meta.get("schema_version")?.map(|v| v.value());
-            match version {
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)?;
-                }
-                Some(SCHEMA_VERSION) => {}
-                Some(found) => return Err(StoreError::Schema { found }),
-            }
-            txn.open_table(SERVICES)?;
-            txn.open_table(RECORDS)?;
-            txn.open_table(EVENTS)?;
-            txn.open_table(CUSTOMER_EVENTS)?;
-            txn.open_table(SNAPSHOT)?;
-        }
-        txn.commit()?;
-        let wal = Wal::open(dir).map_err(|e| StoreError::Wal(format!("cannot open it: {e}")))?;
-        let store = Store { db, wal: Mutex::new(WalState { wal, broken: None }) };
-        store.recover()?;
+        Store::open_with(dir, StoreOptions::default())
+    }
+
+    /// Opens (or creates) the store in `dir` and replays what its
+    /// write-ahead log holds beyond redb.
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let store = Store::open_unreplayed(dir, &options)?;
+        let replayed = {
+            let mut state = store.wal();
+            store.replay(&mut state)?
+        };
+        store.replayed.store(replayed, Ordering::Relaxed);
         Ok(store)
     }
 
-    /// Replays the log's events that redb lost in a crash, commits them
-    /// durably and empties the log.
-    fn recover(&self) -> Result<(), StoreError> {
-        let mut state = self.wal();
-        if state.wal.is_empty() {
-            return Ok(());
+    /// Opens redb and the log without replaying it.
+    fn open_unreplayed(dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent).map_err(|e| StoreError::Io(parent.to_owned(), e))?;
+            }
         }
-        let frames = state.wal.frames().map_err(|e| StoreError::Wal(format!("cannot read it: {e}")))?;
+        let db = open_db(dir, options.cache_bytes)?;
+        let wal = Wal::open(dir, options.wrap_log.as_ref())
+            .map_err(|e| StoreError::Wal(format!("cannot open it: {e}")))?;
+        Ok(Store {
+            dir: dir.to_owned(),
+            cache_bytes: options.cache_bytes,
+            db: RwLock::new(Some(Arc::new(db))),
+            wal: Mutex::new(WalState { wal, broken: None }),
+            needs_reopen: AtomicBool::new(false),
+            replayed: AtomicU64::new(0),
+        })
+    }
+
+    /// How many events the last open (or reopen) replayed from the log.
+    pub fn replayed(&self) -> u64 {
+        self.replayed.load(Ordering::Relaxed)
+    }
+
+    /// The database, for one transaction: keep the `Arc` until it ends.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::Unavailable)
+    }
+
+    /// Replays the log's events that redb lost in a crash, commits them
+    /// durably and empties the log. A torn tail is dropped; damage is
+    /// refused; a refused batch recorded by [`Store::mark_broken`] is dropped.
+    fn replay(&self, state: &mut WalState) -> Result<u64, StoreError> {
+        let refused_from = self.meta(REFUSED_FROM)?;
+        if state.wal.is_empty() && refused_from.is_none() {
+            return Ok(0);
+        }
+        let scan = state.wal.scan().map_err(|e| StoreError::Wal(format!("cannot read it: {e}")))?;
+        if let Some(damage) = &scan.damage {
+            return Err(StoreError::WalDamaged {
+                path: state.wal.path().to_owned(),
+                offset: damage.offset,
+                later: damage.later.len(),
+                seqs: (damage.later[0].seq, damage.later[damage.later.len() - 1].seq),
+            });
+        }
+        if scan.torn_tail() {
+            tracing::info!(
+                offset = scan.end,
+                bytes = scan.len - scan.end,
+                "dropped a torn last frame of the write-ahead log: it was never acknowledged"
+            );
+        }
+        let limit = refused_from.unwrap_or(u64::MAX);
         let mut batch = self.start(Commit::Immediate)?;
         let from = batch.next_seq;
+        let mut refused = 0u64;
         let mut tables = batch.tables()?;
-        for (seq, bytes) in frames {
-            if seq < tables.next_seq() {
+        for frame in scan.frames {
+            if frame.seq >= limit {
+                refused += 1;
                 continue;
             }
-            if seq > tables.next_seq() {
+            if frame.seq < tables.next_seq() {
+                continue;
+            }
+            if frame.seq > tables.next_seq() {
                 return Err(StoreError::Wal(format!(
-                    "it jumps from event {} to event {seq}; refusing to skip events",
-                    tables.next_seq() - 1
+                    "it jumps from event {} to event {}; refusing to skip events",
+                    tables.next_seq() - 1,
+                    frame.seq
                 )));
             }
-            tables.append(&decode::<Event>(&bytes)?)?;
+            tables.append(&decode::<Event>(&frame.event)?)?;
         }
         drop(tables);
         let replayed = batch.next_seq - from;
         batch.write_last_seq()?;
-        self.commit_durably(batch.txn, &mut state)?;
+        let txn = batch.txn;
+        drop(batch._db);
+        self.commit_durably(txn, state)?;
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                from_seq = limit,
+                "dropped a refused batch that could not be cut from the write-ahead log"
+            );
+        }
+        if refused_from.is_some() {
+            // Only now that the log is empty: earlier, a crash would let
+            // the refused frames replay.
+            let db = self.db()?;
+            let txn = db.begin_write()?;
+            txn.open_table(META)?.remove(REFUSED_FROM)?;
+            txn.commit()?;
+        }
         if replayed > 0 {
             tracing::info!(replayed, "replayed events from the write-ahead log");
         }
+        Ok(replayed)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(key)?.map(|v| v.value()))
+    }
+
+    /// After a refused batch (first sequence number `first`, appended at
+    /// `mark`) could not be cut from the log: refuses every later write
+    /// until a restart, and makes sure that restart cannot replay it.
+    fn mark_broken(&self, state: &mut WalState, first: u64, mark: u64, why: &str) {
+        state.broken = Some(format!(
+            "a refused batch could not be cut from the write-ahead log ({why}); \
+             writes are refused until prefsd is restarted, which drops that batch"
+        ));
+        tracing::error!(
+            error = why,
+            first_seq = first,
+            "write-ahead log stuck: refusing writes until a restart"
+        );
+        let recorded = (|| -> Result<(), StoreError> {
+            let db = self.db()?;
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                let known = meta.get(REFUSED_FROM)?.map(|v| v.value());
+                meta.insert(REFUSED_FROM, known.map_or(first, |k| k.min(first)))?;
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = recorded {
+            self.needs_reopen.store(true, Ordering::Relaxed);
+            match state.wal.poison(mark) {
+                Ok(()) => tracing::error!(
+                    error = %e,
+                    offset = mark,
+                    "cannot record the refused batch in redb: zeroed its first frame, so the next start \
+                     refuses the damaged log until `prefsd recover` drops it"
+                ),
+                Err(p) => tracing::error!(
+                    error = %e,
+                    poison = %p,
+                    offset = mark,
+                    first_seq = first,
+                    "cannot record the refused batch anywhere: a restart may replay it; \
+                     run `prefsd recover` and check events from first_seq on"
+                ),
+            }
+        }
+    }
+
+    /// After an I/O error, closes redb and opens it again, then replays the
+    /// log into it (redb lost its non-durable commits, the log has them).
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut state = self.wal();
+        if let Some(why) = &state.broken {
+            return Err(StoreError::Wal(why.clone()));
+        }
+        {
+            let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while slot.as_ref().is_some_and(|db| Arc::strong_count(db) > 1) {
+                if Instant::now() > deadline {
+                    return Err(StoreError::Unavailable);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *slot = None;
+            *slot = Some(Arc::new(open_db(&self.dir, self.cache_bytes)?));
+        }
+        let replayed = self.replay(&mut state)?;
+        self.needs_reopen.store(false, Ordering::Relaxed);
+        tracing::warn!(replayed, "reopened the database after an I/O error");
         Ok(())
     }
 
@@ -321,7 +541,9 @@ impl Store {
             return Ok(());
         }
         // An empty durable commit persists every non-durable one before it.
-        self.commit_durably(self.db.begin_write()?, state)
+        let db = self.db()?;
+        let txn = db.begin_write()?;
+        self.commit_durably(txn, state)
     }
 
     /// Commits `txn` with redb's own durable commit, which persists every
@@ -333,7 +555,10 @@ impl Store {
         state: &mut WalState,
     ) -> Result<(), StoreError> {
         txn.set_durability(redb::Durability::Immediate).map_err(redb::Error::from)?;
-        txn.commit()?;
+        if let Err(e) = txn.commit() {
+            self.needs_reopen.store(true, Ordering::Relaxed);
+            return Err(e.into());
+        }
         if state.broken.is_none() {
             state.wal.reset().map_err(|e| StoreError::Wal(format!("cannot empty it: {e}")))?;
         }
@@ -342,7 +567,8 @@ impl Store {
 
     /// The sequence number of the last committed event (0 when none).
     pub fn last_seq(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
         Ok(meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0))
     }
@@ -350,7 +576,8 @@ impl Store {
     /// Binds this data dir to a PostgreSQL cluster id on first use, and
     /// refuses a data dir that holds another cluster's (or single-node) events.
     pub fn bind_cluster(&self, id: u64) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let db = self.db().map_err(|e| e.to_string())?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
         {
             let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
             let known = meta.get("cluster_id").map_err(|e| e.to_string())?.map(|v| v.value());
@@ -376,7 +603,8 @@ impl Store {
 
     /// Every service, in slug order.
     pub fn services(&self) -> Result<Vec<Service>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let table = txn.open_table(SERVICES)?;
         let mut out = Vec::new();
         for row in table.iter()? {
@@ -388,7 +616,8 @@ impl Store {
 
     /// One service.
     pub fn service(&self, slug: &str) -> Result<Option<Service>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let table = txn.open_table(SERVICES)?;
         match table.get(slug)? {
             Some(v) => Ok(Some(decode(v.value())?)),
@@ -398,7 +627,8 @@ impl Store {
 
     /// A customer's explicit records, in scope-key order.
     pub fn records(&self, customer: CustomerId) -> Result<Vec<(Scope, Record)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let table = txn.open_table(RECORDS)?;
         let mut out = Vec::new();
         // Open-ended, stopped by the check below: an exclusive upper bound of
@@ -417,7 +647,8 @@ impl Store {
 
     /// A customer's preference changes, oldest first.
     pub fn customer_events(&self, customer: CustomerId) -> Result<Vec<(u64, PreferenceChange)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let index = txn.open_table(CUSTOMER_EVENTS)?;
         let events = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
@@ -436,7 +667,8 @@ impl Store {
 
     /// Up to `limit` events with sequence numbers above `after`, in order.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let events = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
         if after == u64::MAX {
@@ -482,7 +714,8 @@ impl Store {
         for service in self.services()? {
             index.add_service(&service.slug);
         }
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let table = txn.open_table(RECORDS)?;
         let mut current: Option<u64> = None;
         let mut pending: Vec<(u64, Scope, crate::domain::Status)> = Vec::new();
@@ -514,7 +747,8 @@ impl Store {
     }
 
     fn load_snapshot(&self, channels: &[ChannelName]) -> Result<Option<(Index, u64)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let table = txn.open_table(SNAPSHOT)?;
         let Some(meta) = table.get("meta")? else { return Ok(None) };
         let meta: SnapshotMeta = decode(meta.value())?;
@@ -549,7 +783,8 @@ impl Store {
 
     /// Replaces the snapshot with `index` as of event `seq`.
     pub fn write_snapshot(&self, index: &Index, seq: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let db = self.db()?;
+        let txn = db.begin_write()?;
         {
             let mut table = txn.open_table(SNAPSHOT)?;
             table.retain(|_, _| false)?;
@@ -579,6 +814,9 @@ impl Store {
     /// system of record for: [`Batch::commit`] makes it durable through the
     /// write-ahead log.
     pub fn begin(&self) -> Result<Batch<'_>, StoreError> {
+        if self.needs_reopen.load(Ordering::Relaxed) {
+            self.reopen()?;
+        }
         self.start(Commit::Logged)
     }
 
@@ -593,14 +831,61 @@ impl Store {
     }
 
     fn start(&self, commit: Commit) -> Result<Batch<'_>, StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let db = self.db()?;
+        let mut txn = db.begin_write()?;
         txn.set_durability(redb::Durability::None).map_err(redb::Error::from)?;
         let last = {
             let meta = txn.open_table(META)?;
             meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0)
         };
-        Ok(Batch { txn, next_seq: last + 1, commit, frames: Frames::default(), store: self })
+        Ok(Batch {
+            txn,
+            _db: db,
+            first_seq: last + 1,
+            next_seq: last + 1,
+            commit,
+            frames: Frames::default(),
+            store: self,
+        })
     }
+}
+
+/// Opens (or creates) redb in `dir` and checks its schema version.
+fn open_db(dir: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    let path = dir.join(DB_FILE);
+    let existed = path.exists();
+    let db = match Database::builder().set_cache_size(cache_bytes).create(&path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(StoreError::Io(
+                path,
+                std::io::Error::other("another process has it open (is prefsd running?)"),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !existed {
+        sync_dir(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
+    }
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let version = meta.get("schema_version")?.map(|v| v.value());
+        match version {
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION)?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(found) => return Err(StoreError::Schema { found }),
+        }
+        txn.open_table(SERVICES)?;
+        txn.open_table(RECORDS)?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(CUSTOMER_EVENTS)?;
+        txn.open_table(SNAPSHOT)?;
+    }
+    txn.commit()?;
+    Ok(db)
 }
 
 /// Applies one event to an index, as start-up replay and the writer do.
@@ -610,6 +895,7 @@ pub fn apply_event(index: &mut Index, event: &Event) {
             let _ = index.apply(change.customer, &change.scope, change.after);
         }
         Event::Service(change) => index.add_service(&change.service.slug),
+        Event::Recovery(_) => {}
     }
 }
 
@@ -660,15 +946,19 @@ impl Batch<'_> {
                 }
                 self.write_last_seq()?;
                 let mark = state.wal.len();
-                state
-                    .wal
-                    .append(&self.frames)
-                    .map_err(|e| StoreError::Wal(format!("cannot append to it: {e}")))?;
-                if let Err(e) = self.txn.commit() {
+                let Batch { txn, _db, first_seq, frames, .. } = self;
+                if let Err(e) = state.wal.append(&frames) {
+                    // The transaction must end before redb takes another.
+                    drop(txn);
+                    if e.stuck.is_some() {
+                        store.mark_broken(&mut state, first_seq, mark, &e.to_string());
+                    }
+                    return Err(StoreError::Wal(e.to_string()));
+                }
+                if let Err(e) = txn.commit() {
+                    store.needs_reopen.store(true, Ordering::Relaxed);
                     if let Err(cut) = state.wal.cut(mark) {
-                        state.broken = Some(format!(
-                            "a refused batch could not be cut from it ({cut}); restart prefsd to repair it"
-                        ));
+                        store.mark_broken(&mut state, first_seq, mark, &format!("{e}; then {cut}"));
                     }
                     return Err(e.into());
                 }
