@@ -631,6 +631,7 @@ impl Staged {
                 },
             },
             Event::Service(change) => Applied::Service { seq, service: change.service.clone() },
+            Event::Recovery(_) => unreachable!("`stage` makes only preference and service events"),
         }
     }
 }

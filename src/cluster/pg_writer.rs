@@ -276,6 +276,8 @@ async fn commit(
                 upsert_service(&txn, s, &change.service).await?;
                 services.insert(change.service.slug.to_string(), Ok(change.service.clone()));
             }
+            // Written only by `prefsd recover` on a single node; no row to keep.
+            Event::Recovery(_) => {}
         }
         results.push(Ok(staged.applied(seq as u64)));
     }

@@ -987,7 +987,8 @@ impl Store {
     /// The last applied sequence number and its chained checksum (`None`
     /// for a data directory written before checksums existed), read together.
     pub fn chain_state(&self) -> Result<(u64, Option<u64>), StoreError> {
-        let txn = self.db.begin_read()?;
+        let db = self.db()?;
+        let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
         let last = meta.get("last_seq")?.map(|v| v.value()).unwrap_or(0);
         Ok((last, meta.get("chain")?.map(|v| v.value())))
@@ -1000,7 +1001,8 @@ impl Store {
     /// caller rebuilds the index from the records.
     pub fn rewind(&self, keep: u64, chain: u64) -> Result<(), StoreError> {
         let kept = {
-            let txn = self.db.begin_read()?;
+            let db = self.db()?;
+            let txn = db.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let mut kept = Vec::new();
             for row in events.range(..=keep)? {
