@@ -1658,3 +1658,34 @@ fn a_v1_database_is_upgraded_with_checksums() {
     let (status, v) = readyz(a.client()).unwrap();
     assert_eq!(status, 200, "{v}");
 }
+
+/// A data directory of another PostgreSQL database cannot be followed, and
+/// no retry fixes it: not ready, and `/healthz` fails at once, with the reason.
+#[test]
+fn a_data_directory_of_another_cluster_fails_health() {
+    const TEST: &str = "a_data_directory_of_another_cluster_fails_health";
+    let Some(first) = Postgres::start(TEST) else { return };
+    let second = Postgres::start(TEST).unwrap();
+    let mut a = Node::start(&first.url());
+    assert_eq!(create_service(a.client(), "rating").status, 201);
+    wait_converged(&first, &[a.client()]);
+    assert!(a.sidecar.terminate().success());
+
+    let url = second.url();
+    let other = Logged::spawn(&a.data, a._dir.path().join("other.log"), &env(&url));
+    let (status, v) = util::wait_for("/healthz to fail", WAIT, || {
+        other
+            .client
+            .send("GET", "/healthz", None, None)
+            .ok()
+            .filter(|h| h.status == 503)
+            .map(|h| (h.status, h.json()))
+    });
+    assert_eq!(status, 503);
+    assert_eq!(v["error"]["code"], json!("unhealthy"), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("another postgres cluster"), "{v}");
+    let (status, v) = readyz(&other.client).unwrap();
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("another postgres cluster"), "{v}");
+    assert_eq!(head(&second), 0, "nothing was written to the other database");
+}
