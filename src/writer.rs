@@ -818,4 +818,43 @@ mod tests {
         let fresh = stage(&mut state, &set(8, "*", "email"), &channels, Micros(100)).unwrap().unwrap();
         assert_eq!(fresh.created_at, Micros(100), "a first write is created now");
     }
+
+    /// Events applied from PostgreSQL carry their chained checksum: one that
+    /// does not follow the last applied event's is refused as a divergence,
+    /// and nothing of its batch is applied.
+    #[tokio::test]
+    async fn applied_events_must_follow_the_local_checksum() {
+        use crate::cluster::chain;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let channels = vec![ChannelName::parse("email").unwrap()];
+        let index = Arc::new(RwLock::new(Index::new(channels)));
+        let config = WriterConfig { max_batch: 16, queue: 16 };
+        let (writer, thread) =
+            Writer::start(store.clone(), index, Vec::new(), 0, config, Arc::new(Metrics::new()));
+        let event = |slug: &str| {
+            Event::Service(ServiceChange { service: service(slug, false), created: true, actor: "t".into() })
+        };
+        let (one, two, three) = (event("a"), event("b"), event("c"));
+        let c1 = chain::next(0, 1, &one);
+        let c2 = chain::next(c1, 2, &two);
+        assert_eq!(writer.apply(vec![(1, one.clone(), c1), (2, two.clone(), c2)]).await, Ok(2));
+        assert_eq!(store.chain_state().unwrap(), (2, Some(c2)), "stored with last_seq");
+        // Event 3 as a log with another event 2 would checksum it.
+        let other = chain::next(chain::next(c1, 2, &three), 3, &three);
+        match writer.apply(vec![(3, three.clone(), other)]).await {
+            Err(ApplyError::Diverged(why)) => assert!(why.contains("event 3"), "{why}"),
+            other => panic!("a divergence, not {other:?}"),
+        }
+        assert_eq!(store.chain_state().unwrap(), (2, Some(c2)), "nothing applied");
+        // Rewinding to event 1 drops event 2 and its service.
+        writer.rewind(1, c1).await.unwrap();
+        assert_eq!(store.chain_state().unwrap(), (1, Some(c1)));
+        assert_eq!(*writer.applied().borrow(), 1);
+        assert_eq!(store.services().unwrap().iter().map(|s| s.slug.to_string()).collect::<Vec<_>>(), ["a"]);
+        let c2 = chain::next(c1, 2, &three);
+        assert_eq!(writer.apply(vec![(2, three, c2)]).await, Ok(2), "following again after the rewind");
+        writer.close().await;
+        thread.join().unwrap();
+    }
 }

@@ -1299,7 +1299,20 @@ fn a_frozen_link_to_postgres_answers_writes_503_within_the_bound() {
 
     proxy.freeze();
     let frozen = Instant::now();
-    let answers: Vec<(Outcome, Duration)> = std::thread::scope(|s| {
+    let (answers, noticed): (Vec<(Outcome, Duration)>, Vec<Duration>) = std::thread::scope(|s| {
+        // When each sidecar's /readyz first shows the connection gone.
+        let watchers: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    util::wait_for("/readyz to show postgres unreachable", WAIT, || {
+                        readyz(c)
+                            .filter(|(_, v)| v["postgres"]["reachable"] == json!(false))
+                            .map(|_| frozen.elapsed())
+                    })
+                })
+            })
+            .collect();
         let handles: Vec<_> = clients
             .iter()
             .enumerate()
@@ -1317,7 +1330,8 @@ fn a_frozen_link_to_postgres_answers_writes_503_within_the_bound() {
             assert!(!check(c, 1, "rating", "email"), "a check during the freeze");
             assert!(check(c, 2, "rating", "email"), "a check during the freeze");
         }
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let answers = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        (answers, watchers.into_iter().map(|h| h.join().unwrap()).collect())
     });
     for ((outcome, took), bound) in answers.iter().zip(["2 s", "10 s (default)"]) {
         match outcome {
@@ -1341,10 +1355,12 @@ fn a_frozen_link_to_postgres_answers_writes_503_within_the_bound() {
             String::from_utf8_lossy(&c.send("GET", "/metrics", None, None).unwrap().body).into_owned();
         assert!(metrics.lines().any(|l| l == "prefsd_postgres_up 0"), "{metrics}");
     }
-    println!(
-        "{TEST}: both sidecars reported postgres unreachable {} ms after the freeze",
-        frozen.elapsed().as_millis()
-    );
+    for (took, bound) in noticed.iter().zip(["2 s", "10 s (default)"]) {
+        println!(
+            "{TEST}: frozen link to /readyz reachable=false with a bound of {bound}: {} ms",
+            took.as_millis()
+        );
+    }
 
     proxy.thaw();
     for (i, c) in clients.iter().enumerate() {
@@ -1641,4 +1657,35 @@ fn a_v1_database_is_upgraded_with_checksums() {
     assert_eq!(lost, 0, "the upgrade's checksums agree with the sidecar's");
     let (status, v) = readyz(a.client()).unwrap();
     assert_eq!(status, 200, "{v}");
+}
+
+/// A data directory of another PostgreSQL database cannot be followed, and
+/// no retry fixes it: not ready, and `/healthz` fails at once, with the reason.
+#[test]
+fn a_data_directory_of_another_cluster_fails_health() {
+    const TEST: &str = "a_data_directory_of_another_cluster_fails_health";
+    let Some(first) = Postgres::start(TEST) else { return };
+    let second = Postgres::start(TEST).unwrap();
+    let mut a = Node::start(&first.url());
+    assert_eq!(create_service(a.client(), "rating").status, 201);
+    wait_converged(&first, &[a.client()]);
+    assert!(a.sidecar.terminate().success());
+
+    let url = second.url();
+    let other = Logged::spawn(&a.data, a._dir.path().join("other.log"), &env(&url));
+    let (status, v) = util::wait_for("/healthz to fail", WAIT, || {
+        other
+            .client
+            .send("GET", "/healthz", None, None)
+            .ok()
+            .filter(|h| h.status == 503)
+            .map(|h| (h.status, h.json()))
+    });
+    assert_eq!(status, 503);
+    assert_eq!(v["error"]["code"], json!("unhealthy"), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("another postgres cluster"), "{v}");
+    let (status, v) = readyz(&other.client).unwrap();
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("another postgres cluster"), "{v}");
+    assert_eq!(head(&second), 0, "nothing was written to the other database");
 }

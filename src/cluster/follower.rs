@@ -136,7 +136,11 @@ impl Follower {
     }
 
     async fn follow_inner(&self, backoff: &mut Backoff) -> Result<std::convert::Infallible, Failure> {
-        let bound = self.config.timeout;
+        // A query starts at most one poll interval after the link froze: so
+        // that /readyz shows it within the configured bound, each query gets
+        // the bound less that interval, and a margin.
+        let timeout = self.config.timeout;
+        let bound = timeout.mul_f64(0.95).saturating_sub(self.config.poll).max(timeout / 2);
         let (mut client, mut connection) =
             bounded(bound, "connecting", self.pg.connect(NoTls)).await.map_err(failure("connect"))?;
         let waker = self.nudge.clone();

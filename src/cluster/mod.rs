@@ -253,3 +253,28 @@ async fn bounded<T, E: std::fmt::Display>(
         Err(_) => Err(format!("{what}: no answer from postgres within {} ms", bound.as_millis())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_connection_has_deadlines() {
+        let pg = pg_config("postgresql://prefsd@db1:5432,db2:5432/prefs", Duration::from_secs(10)).unwrap();
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        assert!(pg.get_keepalives());
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_millis(2500));
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(10)));
+        assert_eq!(pg.get_options(), Some("-c statement_timeout=10000"));
+        // The URL's own settings are kept.
+        let url = "postgresql://db/prefs?connect_timeout=3&options=-c%20search_path%3Dp";
+        let pg = pg_config(url, Duration::from_secs(10)).unwrap();
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(pg.get_options(), Some("-c search_path=p -c statement_timeout=10000"));
+        let url = "postgresql://db/prefs?options=-c%20statement_timeout%3D500";
+        assert_eq!(
+            pg_config(url, Duration::from_secs(10)).unwrap().get_options(),
+            Some("-c statement_timeout=500")
+        );
+    }
+}
