@@ -234,7 +234,7 @@ fn prometheus_config_and_alert_rules_pass_promtool() {
         .args(["check", "rules"])
         .arg(repo("deploy/prometheus/prefsd-alerts.yml")));
     assert!(out.status.success(), "promtool check rules:\n{}", text(&out));
-    assert!(text(&out).contains("SUCCESS: 6 rules found"), "{}", text(&out));
+    assert!(text(&out).contains("SUCCESS: 8 rules found"), "{}", text(&out));
     let out = run(Command::new(&promtool)
         .args(["test", "rules"])
         .arg(repo("deploy/prometheus/prefsd-alerts.test.yml")));
