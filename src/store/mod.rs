@@ -127,8 +127,8 @@ impl fmt::Display for StoreError {
                 "the write-ahead log {} is damaged at byte {offset}, and {later} intact frames \
                  (events {} to {}) follow the damage: they may be acknowledged writes, so prefsd \
                  will not start and drop them silently. With prefsd stopped, run \
-                 `prefsd recover --data {}`: it keeps a copy of the log, replays everything before \
-                 byte {offset}, lists the events it drops and records the loss in the audit log",
+                 `prefsd recover --data {}`: it keeps a copy of the log, replays every intact frame \
+                 before and after the damage, and records the events it lost in the audit log",
                 path.display(),
                 seqs.0,
                 seqs.1,
@@ -457,7 +457,7 @@ impl Store {
     /// After a refused batch (first sequence number `first`, appended at
     /// `mark`) could not be cut from the log: refuses every later write
     /// until a restart, and makes sure that restart cannot replay it.
-    fn mark_broken(&self, state: &mut WalState, first: u64, mark: u64, why: &str) {
+    fn mark_broken(&self, state: &mut WalState, first: u64, mark: u64, bytes: u64, why: &str) {
         state.broken = Some(format!(
             "a refused batch could not be cut from the write-ahead log ({why}); \
              writes are refused until prefsd is restarted, which drops that batch"
@@ -480,12 +480,12 @@ impl Store {
         })();
         if let Err(e) = recorded {
             self.needs_reopen.store(true, Ordering::Relaxed);
-            match state.wal.poison(mark) {
+            match state.wal.poison(mark, bytes) {
                 Ok(()) => tracing::error!(
                     error = %e,
                     offset = mark,
-                    "cannot record the refused batch in redb: zeroed its first frame, so the next start \
-                     refuses the damaged log until `prefsd recover` drops it"
+                    "cannot record the refused batch in redb: overwrote it in the log with zeros, \
+                     which the next start drops as a torn tail"
                 ),
                 Err(p) => tracing::error!(
                     error = %e,
@@ -951,14 +951,15 @@ impl Batch<'_> {
                     // The transaction must end before redb takes another.
                     drop(txn);
                     if e.stuck.is_some() {
-                        store.mark_broken(&mut state, first_seq, mark, &e.to_string());
+                        store.mark_broken(&mut state, first_seq, mark, frames.bytes(), &e.to_string());
                     }
                     return Err(StoreError::Wal(e.to_string()));
                 }
                 if let Err(e) = txn.commit() {
                     store.needs_reopen.store(true, Ordering::Relaxed);
                     if let Err(cut) = state.wal.cut(mark) {
-                        store.mark_broken(&mut state, first_seq, mark, &format!("{e}; then {cut}"));
+                        let why = format!("{e}; then {cut}");
+                        store.mark_broken(&mut state, first_seq, mark, frames.bytes(), &why);
                     }
                     return Err(e.into());
                 }
