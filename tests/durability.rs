@@ -14,6 +14,7 @@ mod util;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
+use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -22,7 +23,7 @@ use std::sync::{Arc, RwLock};
 
 use prefsd::domain::{CustomerId, Event, Origin, Scope, ServiceSlug, Status};
 use prefsd::metrics::Metrics;
-use prefsd::store::{Store, StoreError, StoreOptions};
+use prefsd::store::{Store, StoreError, StoreOptions, WrapDb};
 use prefsd::wal::{self, LogFile, WrapFile};
 use prefsd::writer::{Op, WriteError, Writer, WriterConfig};
 
@@ -489,4 +490,114 @@ fn allowed_over(client: &prefsd::client::Client, customer: u64) -> bool {
         .call("GET", &format!("/v1/check?customer={customer}&service=rating&channel=email"), None)
         .unwrap();
     answer["allowed"].as_bool().unwrap()
+}
+
+/// redb's file under [`Faults`]: only `sync_data` and `write` fail.
+#[derive(Debug)]
+struct FailingDb {
+    inner: redb::backends::FileBackend,
+    faults: Arc<Faults>,
+}
+
+impl redb::StorageBackend for FailingDb {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        if take(&self.faults.syncs) {
+            return Err(io::Error::other("injected redb fsync failure"));
+        }
+        self.inner.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if take(&self.faults.writes) {
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        self.inner.write(offset, data)
+    }
+
+    fn close(&self) -> io::Result<()> {
+        self.inner.close()
+    }
+
+    fn try_lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_range(a, b)
+    }
+
+    fn try_lock_shared_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_shared_range(a, b)
+    }
+
+    fn lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.lock_range(a, b)
+    }
+
+    fn lock_shared_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.lock_shared_range(a, b)
+    }
+
+    fn unlock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.unlock_range(a, b)
+    }
+
+    fn query_lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.query_lock_range(a, b)
+    }
+}
+
+/// redb fails everything after an I/O error until it is reopened: a
+/// checkpoint whose redb writes fail (a full disk) latches it, and the next
+/// write reopens it, replays the log into it, and is acknowledged; nothing
+/// acknowledged is lost.
+#[test]
+fn a_failed_redb_checkpoint_is_reopened_by_the_next_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (live, image) = (tmp.path().join("live"), tmp.path().join("image"));
+    let faults = Arc::new(Faults::default());
+    let db_faults = faults.clone();
+    let wrap = WrapDb(Arc::new(move |inner| Box::new(FailingDb { inner, faults: db_faults.clone() })));
+    let options = StoreOptions { wrap_db: Some(wrap), ..StoreOptions::default() };
+    let store = Arc::new(Store::open_with(&live, options).unwrap());
+    let w = writer(&store);
+    block(async {
+        w.write(Op::CreateService {
+            slug: ServiceSlug::parse("rating").unwrap(),
+            name: "Ratings".into(),
+            description: String::new(),
+            actor: "test".into(),
+        })
+        .await
+        .unwrap();
+        for c in 1..=3 {
+            w.write(opt_out(c)).await.unwrap();
+        }
+    });
+    faults.writes.store(u32::MAX, Ordering::SeqCst);
+    let err = store.checkpoint().expect_err("the checkpoint's redb writes fail");
+    println!("checkpoint: {err}");
+    // Still failing: the write is refused, the log keeps what was acknowledged.
+    let refused = block(w.write(opt_out(4)));
+    assert!(matches!(refused, Err(WriteError::Store(_))), "{refused:?}");
+    // The disk has room again: the next write reopens redb.
+    faults.writes.store(0, Ordering::SeqCst);
+    let applied = block(w.write(opt_out(5))).expect("the write after the fault clears");
+    assert_eq!(applied.seq(), 5, "the refused write's number is given again");
+    let records = store.records(CustomerId(1)).expect("reads work after the reopen");
+    assert_eq!(records.len(), 1);
+    store.checkpoint().expect("checkpoints work after the reopen");
+    crash_image(&live, &image);
+    drop(w);
+    drop(store);
+    let store = Store::open(&image).unwrap();
+    assert_eq!(customers(&stored(&store)), BTreeSet::from([1, 2, 3, 5]));
 }

@@ -39,7 +39,9 @@ use crate::domain::{ChannelName, CustomerId, Event, PreferenceChange, Record, Sc
 use crate::index::{IdSet, Index};
 use crate::wal::{Frames, Wal, WrapFile, sync_dir};
 
+mod backend;
 mod repair;
+pub use backend::WrapDb;
 pub use repair::{Repair, repair};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -71,11 +73,13 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// Stands between the write-ahead log and its file (tests fail it on demand).
     pub wrap_log: Option<WrapFile>,
+    /// Stands between redb and its file (tests fail it on demand).
+    pub wrap_db: Option<WrapDb>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { cache_bytes: DEFAULT_CACHE_BYTES, wrap_log: None }
+        StoreOptions { cache_bytes: DEFAULT_CACHE_BYTES, wrap_log: None, wrap_db: None }
     }
 }
 
@@ -187,7 +191,8 @@ struct SnapshotMeta {
 /// writers itself and readers never block.
 pub struct Store {
     dir: PathBuf,
-    cache_bytes: usize,
+    /// How it was opened; a reopen opens redb the same way.
+    options: StoreOptions,
     /// `None` only while [`Store::reopen`] swaps it. Every transaction is
     /// opened on a clone of the `Arc`, kept until it ends, so a reopen can
     /// tell when nobody uses the old database any more.
@@ -351,12 +356,12 @@ impl Store {
                 sync_dir(parent).map_err(|e| StoreError::Io(parent.to_owned(), e))?;
             }
         }
-        let db = open_db(dir, options.cache_bytes)?;
+        let db = open_db(dir, options)?;
         let wal = Wal::open(dir, options.wrap_log.as_ref())
             .map_err(|e| StoreError::Wal(format!("cannot open it: {e}")))?;
         Ok(Store {
             dir: dir.to_owned(),
-            cache_bytes: options.cache_bytes,
+            options: options.clone(),
             db: RwLock::new(Some(Arc::new(db))),
             wal: Mutex::new(WalState { wal, broken: None }),
             needs_reopen: AtomicBool::new(false),
@@ -516,7 +521,7 @@ impl Store {
                 std::thread::sleep(Duration::from_millis(1));
             }
             *slot = None;
-            *slot = Some(Arc::new(open_db(&self.dir, self.cache_bytes)?));
+            *slot = Some(Arc::new(open_db(&self.dir, &self.options)?));
         }
         let replayed = self.replay(&mut state)?;
         self.needs_reopen.store(false, Ordering::Relaxed);
@@ -851,10 +856,26 @@ impl Store {
 }
 
 /// Opens (or creates) redb in `dir` and checks its schema version.
-fn open_db(dir: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+fn open_db(dir: &Path, options: &StoreOptions) -> Result<Database, StoreError> {
     let path = dir.join(DB_FILE);
     let existed = path.exists();
-    let db = match Database::builder().set_cache_size(cache_bytes).create(&path) {
+    let mut builder = Database::builder();
+    builder.set_cache_size(options.cache_bytes);
+    let opened = match &options.wrap_db {
+        None => builder.create(&path),
+        Some(wrap) => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| StoreError::Io(path.clone(), e))?;
+            let backend = redb::backends::FileBackend::new(file)?;
+            builder.create_with_backend(backend::Boxed((wrap.0)(backend)))
+        }
+    };
+    let db = match opened {
         Ok(db) => db,
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
             return Err(StoreError::Io(
