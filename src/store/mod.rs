@@ -188,7 +188,8 @@ struct SnapshotMeta {
 }
 
 /// The redb database behind a sidecar. Cheap to share: redb serializes
-/// writers itself and readers never block.
+/// writers itself, and readers block only while a reopen after an I/O
+/// error swaps the database.
 pub struct Store {
     dir: PathBuf,
     /// How it was opened; a reopen opens redb the same way.
