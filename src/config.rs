@@ -539,6 +539,17 @@ mod tests {
     }
 
     #[test]
+    fn cache_bytes_defaults_to_the_store_default_and_must_be_positive() {
+        let c = Config::resolve(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.cache_bytes, crate::store::DEFAULT_CACHE_BYTES);
+        let file: FileConfig = toml::from_str("cache_bytes = 1048576").unwrap();
+        assert_eq!(Config::resolve(&ServeArgs::default(), file).unwrap().cache_bytes, 1 << 20);
+        let args = ServeArgs { cache_bytes: Some(0), ..ServeArgs::default() };
+        let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
+        assert!(err.contains("cache_bytes must be positive"), "{err}");
+    }
+
+    #[test]
     fn cidrs_match_addresses() {
         let net = Cidr::parse("10.1.0.0/16").unwrap();
         assert!(net.contains("10.1.200.3".parse().unwrap()));

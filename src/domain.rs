@@ -419,7 +419,7 @@ pub enum Event {
     Recovery(RecoveryNote),
 }
 
-/// What `prefsd recover` dropped from a damaged write-ahead log: the audit
+/// What `prefsd recover` lost from a damaged write-ahead log: the audit
 /// log's record of the loss. It changes no preference.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryNote {
@@ -429,11 +429,11 @@ pub struct RecoveryNote {
     pub copy: String,
     /// Byte offset of the first damaged frame.
     pub offset: u64,
-    /// Events replayed from before the damage.
+    /// Events replayed: every intact frame, before and after the damage.
     pub replayed: u64,
-    /// Intact frames after the damage that were dropped.
+    /// Events lost: held by the damaged bytes, or intact but undecodable.
     pub dropped: u64,
-    /// Their sequence numbers, lowest and highest, if any; those numbers
+    /// The lowest and highest lost sequence number, if any; lost numbers
     /// are never given to another event.
     pub dropped_seqs: Option<(u64, u64)>,
     /// Bytes of the log that were not an intact frame.

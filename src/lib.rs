@@ -9,8 +9,9 @@
 //!
 //! - [`domain`]: ids, slugs, scopes, records, events — parsed once at the edge.
 //! - [`index`]: the pure opt-out index and the resolution rule.
-//! - [`store`]: redb tables, snapshots and start-up loading; [`wal`], the
-//!   write-ahead log that makes a batch durable.
+//! - [`store`]: redb tables, snapshots, start-up loading and `prefsd
+//!   recover`; [`wal`], the write-ahead log that makes a batch durable, and
+//!   how it tells a torn tail from damage.
 //! - [`writer`]: the single writer thread and group commit.
 //! - [`app`]: the shared state handle.
 //! - [`http`]: routes, handlers and the error contract ([`error`]).

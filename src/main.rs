@@ -57,9 +57,8 @@ enum Command {
     Token(TokenCmd),
     /// Offline, with prefsd stopped: recover a data directory whose write-ahead log is damaged.
     ///
-    /// Keeps a copy of the damaged log, replays everything before the damage, lists the events it
-    /// drops (their preference changes go to an NDJSON file for `prefsd import`) and records the
-    /// loss as an audit event.
+    /// Keeps a copy of the damaged log, replays every intact frame before and after the damage, and
+    /// records the events the damaged bytes held as lost, in an audit event.
     Recover {
         /// The data directory.
         #[arg(long, env = "PREFSD_DATA")]

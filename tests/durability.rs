@@ -14,6 +14,7 @@ mod util;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
+use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -22,7 +23,7 @@ use std::sync::{Arc, RwLock};
 
 use prefsd::domain::{CustomerId, Event, Origin, Scope, ServiceSlug, Status};
 use prefsd::metrics::Metrics;
-use prefsd::store::{Store, StoreError, StoreOptions};
+use prefsd::store::{Store, StoreError, StoreOptions, WrapDb};
 use prefsd::wal::{self, LogFile, WrapFile};
 use prefsd::writer::{Op, WriteError, Writer, WriterConfig};
 
@@ -180,45 +181,34 @@ fn a_damaged_middle_frame_refuses_to_open_and_recover_brings_it_back() {
         Command::new(env!("CARGO_BIN_EXE_prefsd")).args(["recover", "--data"]).arg(&image).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "recover failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("replayed 10 events"), "{stdout}");
-    assert!(stdout.contains("dropped 20 intact frames after the damage (events 12 to 31)"), "{stdout}");
-    for c in 11..=30 {
-        assert!(stdout.contains(&format!("customer {c} rating/email opted_out")), "customer {c}: {stdout}");
-    }
-    // A copy of the damaged log, byte for byte, and the dropped changes for `prefsd import`.
+    // Frame 10 is customer 10's opt-out, event 11: the service and customers
+    // 1 to 9 before it, 11 to 30 after it.
+    assert!(stdout.contains("replayed 30 events"), "{stdout}");
+    assert!(stdout.contains("lost 1 events (sequence numbers 11 to 11)"), "{stdout}");
+    assert!(stdout.contains("recorded the loss as audit event 32"), "{stdout}");
+    // A copy of the damaged log, byte for byte.
     let names: Vec<String> = std::fs::read_dir(&image)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     let copy =
         names.iter().find(|n| n.starts_with("prefsd.wal.damaged-")).expect("a copy of the damaged log");
-    assert_eq!(wal::scan(&std::fs::read(image.join(copy)).unwrap()).damage.unwrap().offset, offset);
-    let dropped = names.iter().find(|n| n.ends_with(".ndjson")).expect("the dropped changes");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(image.join(dropped))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 20);
-    assert_eq!(
-        lines[0],
-        serde_json::json!({"customer": 11, "service": "rating", "channel": "email", "status": "opted_out", "reason": "customer 11"})
-    );
+    let kept = wal::scan(&std::fs::read(image.join(copy)).unwrap()).damage.unwrap();
+    assert_eq!(kept.offset, offset);
 
-    // The store opens: everything before the damage, then the audit event.
+    // The store opens: every intact event, then the audit event.
     let store = Store::open(&image).unwrap();
     let events = store.events_after(0, 1000).unwrap();
-    // Frame 10 (customer 10's) is the damaged one: the service and customers 1 to 9 remain.
-    assert_eq!(customers(&stored(&store)), (1..=9).collect());
+    assert_eq!(customers(&stored(&store)), (1..=30).filter(|&c| c != 10).collect());
+    assert!(events.iter().all(|(seq, _)| *seq != 11), "the lost number is never given to another event");
     let (seq, last) = events.last().unwrap();
-    assert_eq!(*seq, 32, "the recovery event never reuses a dropped sequence number");
+    assert_eq!(*seq, 32);
     let Event::Recovery(note) = last else { panic!("the last event is {last:?}") };
     assert_eq!(
         (note.offset, note.replayed, note.dropped, note.dropped_seqs),
-        (offset, 10, 20, Some((12, 31)))
+        (offset, 30, 1, Some((11, 11)))
     );
     assert_eq!(&note.copy, copy);
-    let kept = wal::scan(&std::fs::read(image.join(copy)).unwrap()).damage.unwrap();
     assert_eq!(
         note.unreadable_bytes,
         kept.later[0].offset - offset,
@@ -229,8 +219,10 @@ fn a_damaged_middle_frame_refuses_to_open_and_recover_brings_it_back() {
 
     // And the sidecar serves it: the replayed writes, and new ones after the note.
     let child = util::ChildSidecar::start(&image, &[]);
-    let prefs = child.client.call("GET", "/v1/customers/9/preferences", None).unwrap();
-    assert_eq!(prefs["records"][0]["status"], "opted_out", "{prefs}");
+    for c in [9, 11, 30] {
+        let prefs = child.client.call("GET", &format!("/v1/customers/{c}/preferences"), None).unwrap();
+        assert_eq!(prefs["records"][0]["status"], "opted_out", "{prefs}");
+    }
     let check = child.client.call("GET", "/v1/check?customer=10&service=rating&channel=email", None).unwrap();
     assert_eq!(check["allowed"], true, "{check}");
     let put = child
@@ -419,4 +411,193 @@ fn a_checkpoint_whose_cut_fails_to_sync_leaves_no_hole_before_the_next_append() 
     assert_eq!((log.frames.first().map(|f| f.offset), &log.damage), (Some(0), &None), "no hole: {log:?}");
     let store = Store::open(&image).unwrap();
     assert_eq!(customers(&stored(&store)), (1..=4).collect());
+}
+
+/// The reported attack, end to end through the binary: 300 opt-outs
+/// acknowledged over HTTP, SIGKILL inside the checkpoint interval, one byte
+/// flipped a third of the way into the log. The sidecar refuses to start;
+/// `prefsd recover` keeps every acknowledged write but the one whose frame
+/// was damaged, and names that one's sequence number as lost.
+#[test]
+fn a_flipped_byte_after_sigkill_loses_nothing_silently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut child = util::ChildSidecar::start(&data, &[]);
+    child
+        .client
+        .call("POST", "/v1/services", Some(&serde_json::json!({"slug": "rating", "name": "R"})))
+        .unwrap();
+    let acked = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for t in 0..10u64 {
+            let (client, acked) = (child.client.clone(), &acked);
+            scope.spawn(move || {
+                for i in 0..30 {
+                    let customer = 100 + t * 30 + i;
+                    let answer = client
+                        .call(
+                            "PUT",
+                            &format!("/v1/customers/{customer}/preferences/rating/email"),
+                            Some(&serde_json::json!({"status": "opted_out"})),
+                        )
+                        .unwrap();
+                    acked.lock().unwrap().push((answer["seq"].as_u64().unwrap(), customer));
+                }
+            });
+        }
+    });
+    child.kill();
+    let acked = acked.into_inner().unwrap();
+    assert_eq!(acked.len(), 300);
+
+    let log = frames(&data);
+    assert!(log.len() >= 30, "the log holds {} frames: a checkpoint emptied it before the kill", log.len());
+    let victim = &log[log.len() / 3];
+    let at = victim.offset + 16 + 3;
+    let file = File::options().read(true).write(true).open(data.join(wal::FILE_NAME)).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    FileExt::write_all_at(&file, &[!byte[0]], at).unwrap();
+    drop(file);
+
+    let port = util::free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_prefsd"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(&data)
+        .env_remove("PREFSD_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a damaged log: {stderr}");
+    assert!(stderr.contains(&format!("damaged at byte {}", victim.offset)), "{stderr}");
+
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_prefsd")).args(["recover", "--data"]).arg(&data).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
+
+    assert!(report.contains(&format!("lost 1 events (sequence numbers {0} to {0})", victim.seq)), "{report}");
+    let child = util::ChildSidecar::start(&data, &[]);
+    for &(seq, customer) in &acked {
+        let opted_out = !allowed_over(&child.client, customer);
+        assert_eq!(opted_out, seq != victim.seq, "acknowledged event {seq} (customer {customer})\n{report}");
+    }
+    println!("299 of 300 acknowledged writes kept, event {} lost and audited:\n{report}", victim.seq);
+}
+
+fn allowed_over(client: &prefsd::client::Client, customer: u64) -> bool {
+    let answer = client
+        .call("GET", &format!("/v1/check?customer={customer}&service=rating&channel=email"), None)
+        .unwrap();
+    answer["allowed"].as_bool().unwrap()
+}
+
+/// redb's file under [`Faults`]: only `sync_data` and `write` fail.
+#[derive(Debug)]
+struct FailingDb {
+    inner: redb::backends::FileBackend,
+    faults: Arc<Faults>,
+}
+
+impl redb::StorageBackend for FailingDb {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        if take(&self.faults.syncs) {
+            return Err(io::Error::other("injected redb fsync failure"));
+        }
+        self.inner.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if take(&self.faults.writes) {
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        self.inner.write(offset, data)
+    }
+
+    fn close(&self) -> io::Result<()> {
+        self.inner.close()
+    }
+
+    fn try_lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_range(a, b)
+    }
+
+    fn try_lock_shared_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_shared_range(a, b)
+    }
+
+    fn lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.lock_range(a, b)
+    }
+
+    fn lock_shared_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.lock_shared_range(a, b)
+    }
+
+    fn unlock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.unlock_range(a, b)
+    }
+
+    fn query_lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.query_lock_range(a, b)
+    }
+}
+
+/// redb fails everything after an I/O error until it is reopened: a
+/// checkpoint whose redb writes fail (a full disk) latches it, and the next
+/// write reopens it, replays the log into it, and is acknowledged; nothing
+/// acknowledged is lost.
+#[test]
+fn a_failed_redb_checkpoint_is_reopened_by_the_next_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (live, image) = (tmp.path().join("live"), tmp.path().join("image"));
+    let faults = Arc::new(Faults::default());
+    let db_faults = faults.clone();
+    let wrap = WrapDb(Arc::new(move |inner| Box::new(FailingDb { inner, faults: db_faults.clone() })));
+    let options = StoreOptions { wrap_db: Some(wrap), ..StoreOptions::default() };
+    let store = Arc::new(Store::open_with(&live, options).unwrap());
+    let w = writer(&store);
+    block(async {
+        w.write(Op::CreateService {
+            slug: ServiceSlug::parse("rating").unwrap(),
+            name: "Ratings".into(),
+            description: String::new(),
+            actor: "test".into(),
+        })
+        .await
+        .unwrap();
+        for c in 1..=3 {
+            w.write(opt_out(c)).await.unwrap();
+        }
+    });
+    faults.writes.store(u32::MAX, Ordering::SeqCst);
+    let err = store.checkpoint().expect_err("the checkpoint's redb writes fail");
+    println!("checkpoint: {err}");
+    // Still failing: the write is refused, the log keeps what was acknowledged.
+    let refused = block(w.write(opt_out(4)));
+    assert!(matches!(refused, Err(WriteError::Store(_))), "{refused:?}");
+    // The disk has room again: the next write reopens redb.
+    faults.writes.store(0, Ordering::SeqCst);
+    let applied = block(w.write(opt_out(5))).expect("the write after the fault clears");
+    assert_eq!(applied.seq(), 5, "the refused write's number is given again");
+    let records = store.records(CustomerId(1)).expect("reads work after the reopen");
+    assert_eq!(records.len(), 1);
+    store.checkpoint().expect("checkpoints work after the reopen");
+    crash_image(&live, &image);
+    drop(w);
+    drop(store);
+    let store = Store::open(&image).unwrap();
+    assert_eq!(customers(&stored(&store)), BTreeSet::from([1, 2, 3, 5]));
 }

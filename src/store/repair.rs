@@ -4,21 +4,26 @@
 //! What it does, each step durable before the next:
 //!
 //! 1. keeps a copy of the damaged log, `prefsd.wal.damaged-TIMESTAMP`;
-//! 2. writes the preference changes of the intact frames it drops to
-//!    `prefsd.wal.dropped-TIMESTAMP.ndjson`, in `prefsd import`'s format, so
-//!    an operator can re-apply those that should stand;
-//! 3. replays every event before the damage and appends one
-//!    [`Event::Recovery`] audit event recording the loss, in one durable
-//!    redb commit, then empties the log.
+//! 2. replays every intact frame — those before the damage and those the
+//!    scan found after it — with their own sequence numbers, and appends one
+//!    [`Event::Recovery`] audit event naming the sequence numbers the
+//!    damaged bytes held (lost: nothing can be read back from them), in one
+//!    durable redb commit; then empties the log.
 //!
-//! The dropped events' sequence numbers were given to clients in their
-//! answers, so they are never given out again: the recovery event takes the
-//! number after the highest one dropped, and the numbers in between stay
-//! unused.
+//! Sequence numbers were given to clients in their answers, so none is
+//! given out twice: the lost ones stay unused (a gap in the event log), and
+//! the recovery event takes the number after the highest replayed. Intact
+//! frames after the damage may also be an append that was torn by a power
+//! loss in a different order (never acknowledged); replaying them is what
+//! a client that got no answer must expect anyway. A batch answered 500 is
+//! never among them: [`super::Store::mark_broken`] records it for the
+//! replay to drop, or zeroes it.
+//!
+//! An intact frame whose event cannot be decoded is reported and counted as
+//! lost.
 
 use std::fmt;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{Commit, DB_FILE, REFUSED_FROM, Store, StoreError, StoreOptions, decode};
@@ -36,14 +41,12 @@ pub enum Repair {
         /// Bytes of a torn last frame, which the replay drops.
         torn: u64,
     },
-    /// The damaged log was replayed up to the damage and emptied.
+    /// The damaged log was replayed around the damage and emptied.
     Recovered {
         /// The copy of the damaged log.
         copy: PathBuf,
-        /// The dropped preference changes, in import format, if any.
-        dropped_file: Option<PathBuf>,
-        /// One line per dropped frame, for the operator.
-        dropped: Vec<String>,
+        /// One line per intact frame that could not be replayed.
+        undecodable: Vec<String>,
         /// The audit event's content.
         note: RecoveryNote,
         /// The audit event's sequence number.
@@ -61,29 +64,25 @@ impl fmt::Display for Repair {
                 }
                 write!(f, "); nothing to recover: `prefsd serve` replays it")
             }
-            Repair::Recovered { copy, dropped_file, dropped, note, seq } => {
+            Repair::Recovered { copy, undecodable, note, seq } => {
                 writeln!(f, "the write-ahead log was damaged at byte {}", note.offset)?;
                 writeln!(f, "kept a copy of the damaged log: {}", copy.display())?;
-                writeln!(f, "replayed {} events from before the damage", note.replayed)?;
+                writeln!(
+                    f,
+                    "replayed {} events: every intact frame before and after the damage",
+                    note.replayed
+                )?;
+                for line in undecodable {
+                    writeln!(f, "could not replay {line}")?;
+                }
                 match note.dropped_seqs {
                     Some((a, b)) => writeln!(
                         f,
-                        "dropped {} intact frames after the damage (events {a} to {b}) and {} unreadable bytes:",
+                        "lost {} events (sequence numbers {a} to {b}) in {} unreadable bytes; \
+                         their sequence numbers stay unused",
                         note.dropped, note.unreadable_bytes
                     )?,
-                    None => writeln!(f, "dropped {} unreadable bytes", note.unreadable_bytes)?,
-                }
-                for line in dropped {
-                    writeln!(f, "  {line}")?;
-                }
-                if let Some(file) = dropped_file {
-                    writeln!(
-                        f,
-                        "their preference changes are in {}: once prefsd runs, re-apply those that \
-                         should stand with `prefsd import {}`",
-                        file.display(),
-                        file.display()
-                    )?;
+                    None => writeln!(f, "lost no event; skipped {} unreadable bytes", note.unreadable_bytes)?,
                 }
                 write!(f, "recorded the loss as audit event {seq}")
             }
@@ -120,63 +119,16 @@ pub fn repair(dir: &Path) -> Result<Repair, StoreError> {
     std::fs::copy(state.wal.path(), &copy).map_err(io(&copy))?;
     File::open(&copy).and_then(|f| f.sync_all()).map_err(io(&copy))?;
 
-    // 2. What is dropped, for the operator.
-    let mut dropped = Vec::new();
-    let mut import = String::new();
-    let mut intact_bytes = 0u64;
-    for frame in &damage.later {
-        intact_bytes += 16 + frame.event.len() as u64;
-        match decode::<Event>(&frame.event) {
-            Ok(Event::Preference(c)) => {
-                dropped.push(format!(
-                    "event {}: customer {} {}/{} {} (source {}, actor {})",
-                    frame.seq,
-                    c.customer,
-                    c.scope.service,
-                    c.scope.channel,
-                    c.after.as_str(),
-                    c.origin.source,
-                    c.origin.actor
-                ));
-                let line = serde_json::json!({
-                    "customer": c.customer.0,
-                    "service": c.scope.service.to_string(),
-                    "channel": c.scope.channel.to_string(),
-                    "status": c.after.as_str(),
-                    "reason": c.reason,
-                });
-                import.push_str(&line.to_string());
-                import.push('\n');
-            }
-            Ok(Event::Service(c)) => dropped.push(format!(
-                "event {}: service {} {} by {} (re-apply by hand)",
-                frame.seq,
-                c.service.slug,
-                if c.created { "created" } else { "changed" },
-                c.actor
-            )),
-            Ok(Event::Recovery(_)) => dropped.push(format!("event {}: an earlier recovery note", frame.seq)),
-            Err(e) => dropped.push(format!("event {}: undecodable ({e})", frame.seq)),
-        }
-    }
-    let dropped_file = if import.is_empty() {
-        None
-    } else {
-        let path = dir.join(format!("{}.dropped-{stamp}.ndjson", wal::FILE_NAME));
-        File::create_new(&path)
-            .and_then(|mut f| f.write_all(import.as_bytes()).and_then(|()| f.sync_all()))
-            .map_err(io(&path))?;
-        Some(path)
-    };
     sync_dir(dir).map_err(io(dir))?;
 
-    // 3. Replay up to the damage, note the loss, empty the log.
+    // 2. Replay every intact frame, note the loss, empty the log.
     let refused_from = store.meta(REFUSED_FROM)?;
+    let refused = |seq: u64| refused_from.is_some_and(|r| seq >= r);
     let mut batch = store.start(Commit::Immediate)?;
-    let from = batch.next_seq;
     let mut tables = batch.tables()?;
+    let mut replayed = 0u64;
     for frame in &scan.frames {
-        if refused_from.is_some_and(|r| frame.seq >= r) || frame.seq < tables.next_seq() {
+        if refused(frame.seq) || frame.seq < tables.next_seq() {
             continue;
         }
         if frame.seq > tables.next_seq() {
@@ -187,17 +139,47 @@ pub fn repair(dir: &Path) -> Result<Repair, StoreError> {
             )));
         }
         tables.append(&decode::<Event>(&frame.event)?)?;
+        replayed += 1;
     }
-    let replayed = tables.next_seq() - from;
-    let highest = damage.later.iter().map(|f| f.seq).max().unwrap_or(0);
-    *tables.next_seq = (*tables.next_seq).max(highest + 1);
+    // The events the damaged bytes held: the numbers skipped before each
+    // intact frame after the damage, and frames that cannot be decoded.
+    let mut lost = 0u64;
+    let mut lost_seqs: Option<(u64, u64)> = None;
+    let mut lose = |from: u64, to: u64, lost: &mut u64| {
+        *lost += to + 1 - from;
+        lost_seqs = Some(lost_seqs.map_or((from, to), |(a, _)| (a, to)));
+    };
+    let mut undecodable = Vec::new();
+    let mut intact_bytes = 0u64;
+    for frame in &damage.later {
+        intact_bytes += 16 + frame.event.len() as u64;
+        if refused(frame.seq) || frame.seq < tables.next_seq() {
+            continue;
+        }
+        if frame.seq > tables.next_seq() {
+            lose(tables.next_seq(), frame.seq - 1, &mut lost);
+        }
+        // Its own number: the lost ones before it stay unused.
+        *tables.next_seq = frame.seq;
+        match decode::<Event>(&frame.event) {
+            Ok(event) => {
+                tables.append(&event)?;
+                replayed += 1;
+            }
+            Err(e) => {
+                undecodable.push(format!("event {}: {e}", frame.seq));
+                lose(frame.seq, frame.seq, &mut lost);
+                *tables.next_seq += 1;
+            }
+        }
+    }
     let note = RecoveryNote {
         at,
         copy: copy.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         offset: damage.offset,
         replayed,
-        dropped: damage.later.len() as u64,
-        dropped_seqs: damage.later.first().map(|f| (f.seq, highest)),
+        dropped: lost,
+        dropped_seqs: lost_seqs,
         unreadable_bytes: (scan.len - scan.end).saturating_sub(intact_bytes),
     };
     let (seq, _) = tables.append(&Event::Recovery(note.clone()))?;
@@ -212,5 +194,5 @@ pub fn repair(dir: &Path) -> Result<Repair, StoreError> {
         txn.commit()?;
     }
     tracing::warn!(seq, offset = note.offset, dropped = note.dropped, "recovered a damaged write-ahead log");
-    Ok(Repair::Recovered { copy, dropped_file, dropped, note, seq })
+    Ok(Repair::Recovered { copy, undecodable, note, seq })
 }

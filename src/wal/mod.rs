@@ -28,7 +28,9 @@
 //! is dropped. A bad frame with intact frames after it is damage: stopping
 //! there would silently drop acknowledged writes, so the store refuses to
 //! open and names the file, the offset and the frames after it;
-//! `prefsd recover` ([`crate::store::repair`]) is the way forward.
+//! `prefsd recover` ([`crate::store::repair`]) is the way forward: it
+//! replays every intact frame, before and after the damage, and audits the
+//! events the damaged bytes held.
 //!
 //! # Failures (fsyncgate)
 //!
@@ -47,8 +49,9 @@
 //! *stuck* ([`AppendError::stuck`]): the store marks itself broken (no more
 //! writes until a restart) and records, durably in redb, the first refused
 //! sequence number, which the next open drops from the replay; if redb cannot
-//! take that either, it zeroes the first refused frame's header, so the next
-//! open finds damage and refuses to start rather than replay it.
+//! take that either, it overwrites the refused frames with zeros, which the
+//! next open reads as a torn tail. If that fails too, it says so at `error`
+//! level: only then could a restart replay a refused batch.
 
 mod file;
 mod scan;
@@ -100,6 +103,11 @@ impl Frames {
     /// Whether no frame was added.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
+    }
+
+    /// The frames' size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.buf.len() as u64
     }
 }
 
@@ -195,11 +203,12 @@ impl Wal {
         self.file.sync_data()
     }
 
-    /// Zeroes the frame header at `offset` and syncs, so a frame there
-    /// reads as damage: the last resort when a refused batch could not be
-    /// cut back and redb cannot record it either.
-    pub fn poison(&mut self, offset: u64) -> io::Result<()> {
-        self.file.write_all_at(&[0u8; HEADER], offset)?;
+    /// Overwrites `len` bytes at `offset` with zeros and syncs, so the
+    /// frames there read as a torn tail and are dropped: the last resort
+    /// when a refused batch could not be cut back and redb cannot record it
+    /// either.
+    pub fn poison(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.file.write_all_at(&vec![0u8; len as usize], offset)?;
         self.file.sync_data()
     }
 
