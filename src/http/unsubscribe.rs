@@ -111,7 +111,7 @@ struct IssueBody {
 /// headers a sender adds to the message.
 pub async fn issue<B>(app: &App, req: Incoming<B>) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     authorize(app, &req, Role::Sender)?;
@@ -157,7 +157,7 @@ fn invalid_token() -> ApiError {
 /// `POST /v1/tokens/redeem`: what the web tier forwards.
 pub async fn redeem<B>(app: &App, req: Incoming<B>) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut expired = false;
@@ -174,7 +174,7 @@ where
 
 async fn redeem_token<B>(app: &App, req: Incoming<B>, expired: &mut bool) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if let Err(wait) = limited(app, &req) {
@@ -301,7 +301,7 @@ pub async fn page_get<B>(app: &App, req: &Incoming<B>, raw: &str) -> Result<Repl
 /// no type is given) or `multipart/form-data`.
 async fn form_fields<B>(app: &App, req: Incoming<B>) -> Result<Vec<(String, String)>>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let content_type = req.header(header::CONTENT_TYPE).unwrap_or("").to_owned();
@@ -357,7 +357,7 @@ fn describe(scope: &Scope) -> String {
 /// `POST /u/TOKEN`: RFC 8058 one-click, or one of the page's forms.
 pub async fn page_post<B>(app: &App, req: Incoming<B>, raw: &str) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut expired = false;
@@ -375,7 +375,7 @@ where
 
 async fn page_action<B>(app: &App, req: Incoming<B>, raw: &str, expired: &mut bool) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let claims = segment(raw).ok().and_then(|token| app.tokens().verify(&token, now_secs()).ok());
