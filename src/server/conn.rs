@@ -331,7 +331,7 @@ mod tests {
         let mut watched = Watched::new(server, activity.clone(), LIMITS);
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let mut buf = [0u8; 64];
-        watched.read(&mut buf).await.unwrap();
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 18);
         let guard = activity.begin();
         // The handler waits several idle periods (a slow commit): the read
         // is still pending, not failed.
