@@ -449,6 +449,30 @@ fn a_413_says_connection_close_and_a_pooled_client_goes_on() {
     assert_eq!(exchange(&mut s, &get("/healthz")).status, 200);
 }
 
+#[test]
+fn other_answers_that_close_the_connection_say_so() {
+    let app = util::spawn_with(|c| c.idle_timeout = Duration::from_secs(1));
+    // A body that stops arriving: 408 once nothing came for the idle period.
+    let mut s = connect(app.addr);
+    let head = "POST /v1/tokens HTTP/1.1\r\nHost: prefsd\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"customer\"";
+    let a = exchange(&mut s, head.as_bytes());
+    assert_eq!(a.status, 408, "{a:?}");
+    assert_eq!(a.json()["error"]["code"], "body_timeout");
+    assert_eq!(a.header("connection"), Some("close"));
+    assert!(closed_within(&mut s, Duration::from_secs(10)));
+    // hyper's own answers to heads it cannot take.
+    let mut s = connect(app.addr);
+    let huge = format!("GET /healthz HTTP/1.1\r\nHost: prefsd\r\nX-Big: {}\r\n\r\n", "x".repeat(1 << 20));
+    let a = exchange(&mut s, huge.as_bytes());
+    assert_eq!(a.status, 431, "{a:?}");
+    assert_eq!(a.header("connection"), Some("close"));
+    // A client that asks for close gets it said back.
+    let mut s = connect(app.addr);
+    let a = exchange(&mut s, b"GET /healthz HTTP/1.1\r\nHost: prefsd\r\nConnection: close\r\n\r\n");
+    assert_eq!((a.status, a.header("connection")), (200, Some("close")));
+    assert!(closed_within(&mut s, Duration::from_secs(10)));
+}
+
 // ------------------------------------------------------------------- input
 
 #[test]
