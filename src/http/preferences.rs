@@ -269,9 +269,10 @@ where
     // `max_batch_items` ("rows in one import request"); the parse stops at
     // the first row over them.
     let max_rows = MAX_IMPORT_ROWS.min(app.config().max_batch_items);
+    // Parsed on a blocking thread: a body of up to max_bulk_body_bytes
+    // would otherwise hold an async worker.
     let items: Vec<serde_json::Value> =
-        super::bulk::parse_list(super::utf8(&bytes)?, "items", max_rows, "items")?;
-    drop(bytes);
+        blocking(move || super::bulk::parse_list(super::utf8(&bytes)?, "items", max_rows, "items")).await?;
     let mut results: Vec<Option<serde_json::Value>> = vec![None; items.len()];
     let mut ops = Vec::new();
     let mut positions = Vec::new();
