@@ -93,6 +93,15 @@ pub struct ServeArgs {
     /// Seconds the follower may fail to apply events before /healthz fails [default: 60].
     #[arg(long, env = "PREFSD_FOLLOWER_UNHEALTHY_SECS")]
     pub follower_unhealthy_secs: Option<u64>,
+    /// Seconds a client has to send a whole request head once it starts one [default: 10].
+    #[arg(long, env = "PREFSD_HEADER_READ_TIMEOUT_SECS")]
+    pub header_read_timeout_secs: Option<u64>,
+    /// Seconds a connection may sit idle (no request, no bytes) before it is closed [default: 60].
+    #[arg(long, env = "PREFSD_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Most open connections per listener; more are closed at once [default: 4096].
+    #[arg(long, env = "PREFSD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 }
 
 /// The TOML file: every key optional, same names as the flags with `_`.
@@ -124,6 +133,9 @@ pub struct FileConfig {
     postgres_poll_ms: Option<u64>,
     postgres_timeout_ms: Option<u64>,
     follower_unhealthy_secs: Option<u64>,
+    header_read_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +215,12 @@ pub struct Config {
     pub postgres_timeout: Duration,
     /// How long the follower may fail to apply before `/healthz` fails.
     pub follower_unhealthy: Duration,
+    /// Time to receive a whole request head, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Time a connection may sit with no request in flight and no bytes moving.
+    pub idle_timeout: Duration,
+    /// Open connections per listener, at most.
+    pub max_connections: usize,
 }
 
 /// An address range, `10.0.0.0/8` or a single address.
@@ -447,6 +465,17 @@ impl Config {
         if rate_limit_per_minute == 0 || rate_limit_burst == 0 {
             errors.push("rate_limit_per_minute and rate_limit_burst must be positive".into());
         }
+        let header_read_timeout_secs =
+            args.header_read_timeout_secs.or(file.header_read_timeout_secs).unwrap_or(10);
+        let idle_timeout_secs = args.idle_timeout_secs.or(file.idle_timeout_secs).unwrap_or(60);
+        if header_read_timeout_secs == 0 || idle_timeout_secs == 0 {
+            errors.push("header_read_timeout_secs and idle_timeout_secs must be positive".into());
+        }
+        let max_connections = positive(
+            "max_connections",
+            args.max_connections.or(file.max_connections).unwrap_or(4096),
+            &mut errors,
+        );
         if let Some(listen) = listen
             && keys.is_empty()
             && !listen.ip().is_loopback()
@@ -496,6 +525,9 @@ impl Config {
             ),
             postgres_timeout,
             follower_unhealthy,
+            header_read_timeout: Duration::from_secs(header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(idle_timeout_secs),
+            max_connections,
         })
     }
 }

@@ -167,6 +167,33 @@ impl Index {
         Ok(())
     }
 
+    /// Whether writing `status` for `scope` would change nothing the index
+    /// answers: every pair the scope covers, and (for a `*` service) the
+    /// channel templates that services registered later start from, already
+    /// resolve to `status` for `customer`. An unknown name holds nothing.
+    pub fn holds(&self, customer: CustomerId, scope: &Scope, status: Status) -> bool {
+        let services = match &scope.service {
+            Target::All => 0..self.services.len(),
+            Target::One(s) => match self.service_pos(s.as_str()) {
+                Some(p) => p..p + 1,
+                None => return false,
+            },
+        };
+        let channels = match &scope.channel {
+            Target::All => 0..self.channels.len(),
+            Target::One(c) => match self.channel_pos(c.as_str()) {
+                Some(p) => p..p + 1,
+                None => return false,
+            },
+        };
+        let out = status == Status::OptedOut;
+        let pairs = services.flat_map(|s| channels.clone().map(move |c| (s, c)));
+        let mut sets = pairs.map(|(s, c)| self.pair_at(s, c));
+        let templates = (scope.service == Target::All).then(|| &self.templates[channels.clone()]);
+        sets.all(|set| set.contains(customer.0) == out)
+            && templates.is_none_or(|t| t.iter().all(|set| set.contains(customer.0) == out))
+    }
+
     /// Every (service, channel, set) triple, for metrics and snapshots.
     pub fn iter_pairs(&self) -> impl Iterator<Item = (&ServiceSlug, &ChannelName, &IdSet)> {
         let width = self.channels.len();
@@ -220,6 +247,18 @@ impl Index {
 pub fn split(set: &IdSet, ids: &[CustomerId]) -> (Vec<CustomerId>, Vec<CustomerId>) {
     let mut allowed = Vec::with_capacity(ids.len());
     let mut suppressed = Vec::new();
+    split_into(set, ids, &mut allowed, &mut suppressed);
+    (allowed, suppressed)
+}
+
+/// [`split`] appending to lists the caller keeps, so a long list can be
+/// split a part at a time.
+pub fn split_into(
+    set: &IdSet,
+    ids: &[CustomerId],
+    allowed: &mut Vec<CustomerId>,
+    suppressed: &mut Vec<CustomerId>,
+) {
     for &id in ids {
         if set.contains(id.0) {
             suppressed.push(id);
@@ -227,7 +266,6 @@ pub fn split(set: &IdSet, ids: &[CustomerId]) -> (Vec<CustomerId>, Vec<CustomerI
             allowed.push(id);
         }
     }
-    (allowed, suppressed)
 }
 
 /// The allowed part of a 32-bit roaring recipient set: one bitmap difference.
@@ -290,6 +328,34 @@ mod tests {
         index.apply(c, &scope("appointment", "*"), Status::OptedOut).unwrap();
         index.add_service(&slug("rating"));
         assert_eq!(index.allowed(c, "rating", "email"), Ok(true));
+    }
+
+    #[test]
+    fn holds_only_when_every_covered_pair_and_template_agrees() {
+        let mut index = Index::new(channels());
+        index.add_service(&slug("rating"));
+        index.add_service(&slug("waitlist"));
+        let c = CustomerId(5);
+        let out = Status::OptedOut;
+        assert!(!index.holds(c, &scope("*", "email"), out));
+        assert!(index.holds(c, &scope("*", "email"), Status::OptedIn));
+        index.apply(c, &scope("*", "email"), out).unwrap();
+        assert!(index.holds(c, &scope("*", "email"), out));
+        assert!(index.holds(c, &scope("rating", "email"), out));
+        assert!(!index.holds(c, &scope("rating", "*"), out), "sms is not opted out");
+        // A newer, narrower opt-in: repeating the broad opt-out would change
+        // something again.
+        index.apply(c, &scope("rating", "email"), Status::OptedIn).unwrap();
+        assert!(!index.holds(c, &scope("*", "email"), out));
+        // Every service opted out one by one is not `*`: a service
+        // registered later would still send.
+        let d = CustomerId(6);
+        index.apply(d, &scope("rating", "sms"), out).unwrap();
+        index.apply(d, &scope("waitlist", "sms"), out).unwrap();
+        assert!(!index.holds(d, &scope("*", "sms"), out));
+        index.apply(d, &scope("*", "sms"), out).unwrap();
+        assert!(index.holds(d, &scope("*", "sms"), out));
+        assert!(!index.holds(d, &scope("nope", "sms"), out), "an unknown service holds nothing");
     }
 
     #[test]

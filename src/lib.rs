@@ -18,7 +18,8 @@
 //! - [`auth`]: API keys and roles.
 //! - [`config`]: flags, environment and file, validated into [`config::Config`].
 //! - [`metrics`]: the Prometheus registry.
-//! - [`server`]: accept loops and graceful shutdown.
+//! - [`server`]: accept loops, graceful shutdown, and per-connection limits
+//!   (connection cap, request-head and idle timeouts).
 //! - [`cluster`]: cluster mode, PostgreSQL as the shared system of record.
 //! - [`client`]: the CLI's HTTP client of a running sidecar, and [`import`]
 //!   for CSV/NDJSON preference files.

@@ -29,7 +29,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::domain::Event;
-use crate::http::Route;
+use crate::http::{Listener, Route};
 use crate::index::Index;
 
 /// Content type of the OpenMetrics text format.
@@ -182,6 +182,11 @@ struct RouteStatusLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
 }
 
 /// Encodes the hot-path atomics as labelled series at scrape time.
@@ -441,6 +446,10 @@ pub struct Metrics {
     redemptions: [[Counter; 4]; 2],
     /// `/u/T`, `/v1/tokens/redeem`.
     rate_limited: [Counter; 2],
+    /// Open connections: API, metrics listener.
+    connections: [Gauge; 2],
+    /// Connections closed at once for the per-listener cap: API, metrics listener.
+    connections_refused: [Counter; 2],
 }
 
 impl Metrics {
@@ -516,6 +525,19 @@ impl Metrics {
             .map(|r| limited.get_or_create(&RouteLabels { route: r.pattern() }).clone());
         sub.register("rate_limited", "Requests refused by the per-address rate limit, by route", limited);
 
+        let listeners = ["api", "metrics"];
+        let open = Family::<ListenerLabels, Gauge>::default();
+        let connections = listeners.map(|listener| open.get_or_create(&ListenerLabels { listener }).clone());
+        sub.register("connections", "Open client connections, by listener (api, metrics)", open);
+        let refused = Family::<ListenerLabels, Counter>::default();
+        let connections_refused =
+            listeners.map(|listener| refused.get_or_create(&ListenerLabels { listener }).clone());
+        sub.register(
+            "connections_refused",
+            "Connections closed at once because the listener had max_connections open, by listener",
+            refused,
+        );
+
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         sub.register("build_info", "Build information; always 1", build);
@@ -533,7 +555,24 @@ impl Metrics {
             filter_sizes,
             redemptions,
             rate_limited,
+            connections,
+            connections_refused,
         }
+    }
+
+    /// Counts a connection accepted on `listener`.
+    pub fn connection_opened(&self, listener: Listener) {
+        self.connections[listener as usize].inc();
+    }
+
+    /// Counts a connection of `listener` closed.
+    pub fn connection_closed(&self, listener: Listener) {
+        self.connections[listener as usize].dec();
+    }
+
+    /// Counts a connection closed at once for the listener's cap.
+    pub fn count_refused_connection(&self, listener: Listener) {
+        self.connections_refused[listener as usize].inc();
     }
 
     /// Counts one served request and its latency. Lock-free unless the

@@ -19,17 +19,26 @@
 //! counted by [`Route`] (its pattern, never the raw path, which may hold a
 //! token) and logged at info level on target `prefsd::request`, with an
 //! `X-Request-Id` taken from the request or generated, and echoed.
+//!
+//! Every route refuses a repeated query parameter (400 `invalid_parameter`
+//! naming it): a proxy or WAF in front may read the other copy. An answer
+//! given without reading the request body to its end says
+//! `Connection: close` ([`body::Tracked`]).
 
+pub mod body;
+pub mod bulk;
 pub mod check;
 pub mod preferences;
 pub mod services;
 pub mod unsubscribe;
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -117,6 +126,32 @@ pub enum Route {
 }
 
 impl Route {
+    /// The route a path names on `listener`, whatever the method: how a
+    /// request refused before routing is counted.
+    pub fn of(listener: Listener, segments: &[&str]) -> Route {
+        match (listener, segments) {
+            (_, ["healthz"]) => Route::Healthz,
+            (_, ["readyz"]) => Route::Readyz,
+            (_, ["metrics"]) => Route::Metrics,
+            (Listener::Metrics, _) => Route::Other,
+            (_, ["openapi.json"]) => Route::OpenApi,
+            (_, ["v1", "check"]) => Route::Check,
+            (_, ["v1", "filter"]) => Route::Filter,
+            (_, ["v1", "customers", _, "preferences"]) => Route::Preferences,
+            (_, ["v1", "customers", _, "preferences", _, _]) => Route::Preference,
+            (_, ["v1", "customers", _, "audit"]) => Route::CustomerAudit,
+            (_, ["v1", "audit"]) => Route::Audit,
+            (_, ["v1", "preferences", "import"]) => Route::Import,
+            (_, ["v1", "services"]) => Route::Services,
+            (_, ["v1", "services", _]) => Route::Service,
+            (_, ["v1", "channels"]) => Route::Channels,
+            (_, ["v1", "tokens"]) => Route::Tokens,
+            (_, ["v1", "tokens", "redeem"]) => Route::Redeem,
+            (_, ["u", _]) => Route::Page,
+            _ => Route::Other,
+        }
+    }
+
     /// Every route, in [`Route::index`] order.
     pub const ALL: [Route; 18] = [
         Route::Healthz,
@@ -188,11 +223,13 @@ pub struct Incoming<B> {
     pub body: B,
     /// The direct peer.
     pub peer: SocketAddr,
+    /// Longest wait for the next part of the body.
+    pub read_timeout: Duration,
 }
 
 impl<B> Incoming<B>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// A header as text, if present and visible ASCII.
@@ -200,7 +237,8 @@ where
         self.parts.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    /// Reads the body, refusing more than `limit` bytes with 413.
+    /// Reads the body, refusing more than `limit` bytes with 413, and a
+    /// client that sends nothing of it for `read_timeout` with 408.
     pub async fn bytes(self, limit: usize) -> Result<Bytes> {
         let too_large = || {
             ApiError::new(
@@ -209,19 +247,49 @@ where
                 format!("the request body is larger than this route's limit of {limit} bytes"),
             )
         };
-        if let Some(len) = self.header(header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok())
-            && len > limit as u64
-        {
+        let declared = self.header(header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
             return Err(too_large());
         }
-        match Limited::new(self.body, limit).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-            Err(e) => Err(ApiError::bad_request(
-                "unreadable_body",
-                format!("the request body could not be read: {e}"),
-            )),
+        let read_timeout = self.read_timeout;
+        let mut body = Limited::new(self.body, limit);
+        let mut first: Option<Bytes> = None;
+        let mut rest: Vec<u8> = Vec::new();
+        loop {
+            let frame = match tokio::time::timeout(read_timeout, body.frame()).await {
+                Err(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        format!("no part of the request body arrived for {} s", read_timeout.as_secs()),
+                    ));
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(e))) if e.is::<LengthLimitError>() => return Err(too_large()),
+                Ok(Some(Err(e))) => {
+                    return Err(ApiError::bad_request(
+                        "unreadable_body",
+                        format!("the request body could not be read: {e}"),
+                    ));
+                }
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            // One frame (the usual small body) is kept as it came; more are
+            // copied once into a buffer sized from Content-Length.
+            match &first {
+                None if rest.is_empty() => first = Some(data),
+                _ => {
+                    if let Some(f) = first.take() {
+                        let expected = declared.map_or(0, |l| l as usize).max(f.len() + data.len());
+                        rest.reserve(expected);
+                        rest.extend_from_slice(&f);
+                    }
+                    rest.extend_from_slice(&data);
+                }
+            }
         }
+        Ok(first.unwrap_or_else(|| Bytes::from(rest)))
     }
 
     /// Reads and parses a JSON body (415 for another content type).
@@ -337,6 +405,35 @@ pub fn query_param<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a
     None
 }
 
+/// A query parameter's name, percent-decoded when it needs to be.
+fn param_name(pair: &str) -> Cow<'_, str> {
+    let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+    if name.bytes().any(|b| b == b'%' || b == b'+') {
+        // No raw `=` is left in `name`: the first pair is (decoded name, "").
+        form_urlencoded::parse(name.as_bytes()).next().map_or(Cow::Borrowed(""), |(k, _)| k)
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// The first query parameter given more than once (names compared after
+/// percent-decoding), if any. A few parameters are compared pairwise with
+/// no allocation; a long query through a set.
+pub fn repeated_param(query: &str) -> Option<String> {
+    let pairs = || query.split('&').filter(|p| !p.is_empty());
+    if pairs().nth(32).is_none() {
+        for (i, pair) in pairs().enumerate() {
+            let name = param_name(pair);
+            if pairs().take(i).any(|earlier| param_name(earlier) == name) {
+                return Some(name.into_owned());
+            }
+        }
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    pairs().map(param_name).find(|name| !seen.insert(name.clone())).map(Cow::into_owned)
+}
+
 /// A required query parameter.
 pub fn required_param<'a>(query: &'a str, name: &str) -> Result<std::borrow::Cow<'a, str>> {
     query_param(query, name).ok_or_else(|| {
@@ -388,19 +485,25 @@ fn new_request_id() -> HeaderValue {
 /// logs one line for it and echoes its request id.
 pub async fn handle<B>(app: &App, req: Request<B>, peer: SocketAddr, listener: Listener) -> Reply
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
     let request_id = given_request_id(&parts.headers).unwrap_or_else(new_request_id);
-    let req = Incoming { parts, body, peer };
+    let (body, ended) = body::Tracked::new(body);
+    let req = Incoming { parts, body, peer, read_timeout: app.config().idle_timeout };
     let (route, result) = route(app, req, listener).await;
     let mut reply = match result {
         Ok(reply) => reply,
         Err(e) => error_reply(&e),
     };
+    if body::left_unread(ended.as_ref()) {
+        // hyper will not read the rest of the body, so it closes the
+        // connection after this answer: say so.
+        reply.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let status = reply.status().as_u16();
     let took = started.elapsed();
     app.metrics().count_request(route, status, took);
@@ -439,11 +542,21 @@ pub fn authorize<B>(app: &App, req: &Incoming<B>, role: Role) -> Result<Caller> 
 
 async fn route<B>(app: &App, req: Incoming<B>, listener: Listener) -> (Route, Result<Reply>)
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let path = req.parts.uri.path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let Some(name) = req.parts.uri.query().and_then(repeated_param) {
+        let shown: String = name.chars().take(100).collect();
+        return (
+            Route::of(listener, &segments),
+            Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("query parameter {shown:?} is given more than once; give each parameter once"),
+            )),
+        );
+    }
     let method = req.parts.method.clone();
     let get = method == Method::GET || method == Method::HEAD;
     match (listener, segments.as_slice()) {
@@ -473,7 +586,7 @@ where
 /// does), else the Prometheus text format.
 fn metrics<B>(app: &App, req: &Incoming<B>) -> Reply
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let openmetrics = req.header(header::ACCEPT).is_some_and(|a| a.contains("application/openmetrics-text"));
@@ -533,7 +646,7 @@ fn readyz(app: &App) -> Result<Reply> {
 
 async fn v1<B>(app: &App, req: Incoming<B>, method: &Method, rest: &[&str]) -> (Route, Result<Reply>)
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use Method as M;
@@ -592,7 +705,20 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::query_param;
+    use super::{query_param, repeated_param};
+
+    #[test]
+    fn a_repeated_parameter_is_found_however_it_is_spelled() {
+        assert_eq!(repeated_param("customer=1&service=a&channel=email"), None);
+        assert_eq!(repeated_param("customer=1&customer=2"), Some("customer".into()));
+        assert_eq!(repeated_param("service=a&ser%76ice=b"), Some("service".into()));
+        assert_eq!(repeated_param("flag&x=1&flag"), Some("flag".into()));
+        assert_eq!(repeated_param("a+b=1&a%20b=2"), Some("a b".into()));
+        assert_eq!(repeated_param("&&a=1&&b=2&"), None, "empty pairs are no parameters");
+        let many: Vec<String> = (0..100).map(|i| format!("p{i}=1")).collect();
+        assert_eq!(repeated_param(&many.join("&")), None);
+        assert_eq!(repeated_param(&format!("{}&p7=2", many.join("&"))), Some("p7".into()));
+    }
 
     #[test]
     fn query_param_answers_as_form_urlencoded_does() {

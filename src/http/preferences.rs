@@ -145,7 +145,7 @@ struct PutAnswer {
 /// `PUT /v1/customers/C/preferences/S/H` with `{"status","reason"}`.
 pub async fn put<B>(app: &App, req: Incoming<B>, c: &str, s: &str, h: &str) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let caller = authorize(app, &req, Role::Admin)?;
@@ -244,12 +244,6 @@ pub async fn audit<B>(app: &App, req: &Incoming<B>) -> Result<Reply> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ImportBody {
-    items: Vec<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ImportItem {
     customer: CustomerId,
     service: String,
@@ -265,25 +259,24 @@ struct ImportItem {
 /// item's sequence number or its error.
 pub async fn import<B>(app: &App, req: Incoming<B>) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let caller = authorize(app, &req, Role::Admin)?;
-    let body: ImportBody = req.json(app.config().max_bulk_body_bytes).await?;
+    super::require_json(req.header(hyper::header::CONTENT_TYPE))?;
+    let bytes = req.bytes(app.config().max_bulk_body_bytes).await?;
     // Both limits hold: the fixed per-request cap and the configured
-    // `max_batch_items` ("rows in one import request").
+    // `max_batch_items` ("rows in one import request"); the parse stops at
+    // the first row over them.
     let max_rows = MAX_IMPORT_ROWS.min(app.config().max_batch_items);
-    if body.items.len() > max_rows {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_items",
-            format!("{} items in one import request; at most {max_rows} are accepted", body.items.len()),
-        ));
-    }
-    let mut results: Vec<Option<serde_json::Value>> = vec![None; body.items.len()];
+    // Parsed on a blocking thread: a body of up to max_bulk_body_bytes
+    // would otherwise hold an async worker.
+    let items: Vec<serde_json::Value> =
+        blocking(move || super::bulk::parse_list(super::utf8(&bytes)?, "items", max_rows, "items")).await?;
+    let mut results: Vec<Option<serde_json::Value>> = vec![None; items.len()];
     let mut ops = Vec::new();
     let mut positions = Vec::new();
-    for (i, raw) in body.items.into_iter().enumerate() {
+    for (i, raw) in items.into_iter().enumerate() {
         let op = serde_json::from_value::<super::Object<ImportItem>>(raw)
             .map(|o| o.0)
             .map_err(ApiError::from)

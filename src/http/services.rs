@@ -81,7 +81,7 @@ struct CreateBody {
 /// `POST /v1/services` with `{"slug","name","description"}` → 201.
 pub async fn create<B>(app: &App, req: Incoming<B>) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let caller = authorize(app, &req, Role::Admin)?;
@@ -109,7 +109,7 @@ struct UpdateBody {
 /// `PATCH /v1/services/S` with any of `name`, `description`, `archived`.
 pub async fn update<B>(app: &App, req: Incoming<B>, s: &str) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let caller = authorize(app, &req, Role::Admin)?;

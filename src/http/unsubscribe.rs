@@ -2,6 +2,13 @@
 //! recipient's page (`GET /u/TOKEN`, which never changes anything) and its
 //! form posts, including RFC 8058 one-click (`POST /u/TOKEN` with
 //! `List-Unsubscribe=One-Click`).
+//!
+//! Recipients come first. The per-address rate limit slows down guessing,
+//! so only failed attempts (a token that does not verify, a request with no
+//! readable token) take from an address's budget, and only they are refused
+//! once it is spent: a valid link always works, from any address — the web
+//! tier forwards every recipient from its own. And a link used again for
+//! the choice already in force writes nothing ([`set_once`]).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -16,7 +23,7 @@ use serde::Deserialize;
 use super::{Incoming, Reply, Result, authorize, blocking, bytes_reply, json, segment};
 use crate::app::App;
 use crate::auth::Role;
-use crate::domain::{CustomerId, Origin, Scope, Status, Target, check_reason};
+use crate::domain::{CustomerId, Origin, Record, Scope, Status, Target, check_reason};
 use crate::error::ApiError;
 use crate::metrics::{Redemption, Via};
 use crate::page::{self, Manage, PairRow};
@@ -76,13 +83,68 @@ fn origin<B>(app: &App, req: &Incoming<B>, source: &str) -> Origin {
     }
 }
 
-/// Takes a rate-limit token for the client; `Err(seconds to wait)` when
-/// none is left. (Refusals are counted where every 429 is: `http::handle`.)
-fn limited<B>(app: &App, req: &Incoming<B>) -> std::result::Result<(), u64> {
-    app.limiter().check(client_addr(app, req), Instant::now()).map_err(|wait| {
+/// A failed attempt from the client: takes from its address's budget;
+/// `Err(seconds to wait)` once the budget is spent. (Refusals are counted
+/// where every 429 is: `http::handle`.)
+fn failed_attempt(app: &App, addr: IpAddr) -> std::result::Result<(), u64> {
+    app.limiter().check(addr, Instant::now()).map_err(|wait| {
         // Rounded up: a client that honours Retry-After is not refused again.
         (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
     })
+}
+
+/// The JSON answer to a failed redemption: `e`, or 429 once the address has
+/// failed too often.
+fn refuse(app: &App, addr: IpAddr, e: ApiError) -> Result<Reply> {
+    match failed_attempt(app, addr) {
+        Ok(()) => Err(e),
+        Err(wait) => {
+            let e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many failed attempts from this address; try again later",
+            );
+            let mut reply = super::error_reply(&e);
+            reply.headers_mut().insert(header::RETRY_AFTER, wait.into());
+            Ok(reply)
+        }
+    }
+}
+
+/// Writes `status` for `scope`, unless it is already in force: the scope's
+/// own record has that status and nothing newer overrides it anywhere the
+/// scope reaches (see [`crate::index::Index::holds`]). Then nothing is
+/// written and the record as stored answers, with its sequence number — a
+/// link replayed by a scanner or a double click adds no audit entry.
+///
+/// Two identical requests at the same moment can both find the choice not
+/// yet in force and both write (two entries, the same outcome). In cluster
+/// mode this sidecar's copy may lag the shared log, and skipping on a stale
+/// copy could undo a newer choice made elsewhere, so every use writes.
+pub async fn set_once(
+    app: &App,
+    customer: CustomerId,
+    scope: Scope,
+    status: Status,
+    reason: Option<String>,
+    origin: Origin,
+) -> Result<(u64, Scope, Record)> {
+    if app.cluster().is_none() {
+        let store = app.store().clone();
+        let key = scope.clone();
+        let current =
+            blocking(move || Ok(store.records(customer)?.into_iter().find(|(s, _)| *s == key))).await?;
+        if let Some((stored, record)) = current
+            && record.status == status
+            && app.index().holds(customer, &stored, status)
+        {
+            return Ok((record.seq, stored, record));
+        }
+    }
+    match app.writer().write(Op::SetPreference { customer, scope, status, reason, origin }).await? {
+        Applied::Preference { seq, scope, record } => Ok((seq, scope, record)),
+        Applied::Service { .. } => unreachable!("a preference write applies a preference"),
+    }
 }
 
 /// How a redemption's answer counts: written, refused for the token or the
@@ -111,7 +173,7 @@ struct IssueBody {
 /// headers a sender adds to the message.
 pub async fn issue<B>(app: &App, req: Incoming<B>) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     authorize(app, &req, Role::Sender)?;
@@ -157,7 +219,7 @@ fn invalid_token() -> ApiError {
 /// `POST /v1/tokens/redeem`: what the web tier forwards.
 pub async fn redeem<B>(app: &App, req: Incoming<B>) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut expired = false;
@@ -174,22 +236,18 @@ where
 
 async fn redeem_token<B>(app: &App, req: Incoming<B>, expired: &mut bool) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    if let Err(wait) = limited(app, &req) {
-        let e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many requests; try again later",
-        );
-        let mut reply = super::error_reply(&e);
-        reply.headers_mut().insert(header::RETRY_AFTER, wait.into());
-        return Ok(reply);
-    }
+    let addr = client_addr(app, &req);
     let origin = origin(app, &req, "token");
-    let body: RedeemBody = req.json(app.config().max_body_bytes).await?;
-    let claims = app.tokens().verify(&body.token, now_secs()).map_err(|_| invalid_token())?;
+    let body: RedeemBody = match req.json(app.config().max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => return refuse(app, addr, e),
+    };
+    let Ok(claims) = app.tokens().verify(&body.token, now_secs()) else {
+        return refuse(app, addr, invalid_token());
+    };
     let status = match body.action.as_str() {
         "opt_out" => Status::OptedOut,
         "opt_in" if !claims.expired => Status::OptedIn,
@@ -208,20 +266,17 @@ where
         }
     };
     let reason = check_reason(body.reason)?;
-    let op = Op::SetPreference { customer: claims.customer, scope: claims.scope, status, reason, origin };
-    match app.writer().write(op).await? {
-        Applied::Preference { seq, scope, record } => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "customer": claims.customer,
-                "service": scope.service.to_string(),
-                "channel": scope.channel.to_string(),
-                "status": record.status,
-                "seq": seq,
-            }),
-        )),
-        Applied::Service { .. } => unreachable!("a preference write applies a preference"),
-    }
+    let (seq, scope, record) = set_once(app, claims.customer, claims.scope, status, reason, origin).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "customer": claims.customer,
+            "service": scope.service.to_string(),
+            "channel": scope.channel.to_string(),
+            "status": record.status,
+            "seq": seq,
+        }),
+    ))
 }
 
 /// An HTML answer with the recipient pages' headers.
@@ -283,15 +338,23 @@ async fn manage_model(app: &App, claims: &Claims) -> Result<Manage> {
     Ok(Manage { service_label, channel_label, offers_channel_wide, pairs })
 }
 
+/// The page for a link that does not verify: the invalid-link page, or 429
+/// once the address has failed too often.
+fn refuse_page<B>(app: &App, req: &Incoming<B>) -> Reply {
+    match failed_attempt(app, client_addr(app, req)) {
+        Ok(()) => invalid_page(),
+        Err(wait) => too_many(wait),
+    }
+}
+
 /// `GET /u/TOKEN`: the page. Never changes anything.
 pub async fn page_get<B>(app: &App, req: &Incoming<B>, raw: &str) -> Result<Reply> {
-    if let Err(wait) = limited(app, req) {
-        return Ok(too_many(wait));
-    }
-    let Ok(token) = segment(raw) else { return Ok(invalid_page()) };
-    let claims = match app.tokens().verify(&token, now_secs()) {
-        Ok(c) if !c.expired => c,
-        _ => return Ok(invalid_page()),
+    let claims = segment(raw).ok().and_then(|token| app.tokens().verify(&token, now_secs()).ok());
+    let claims = match claims {
+        Some(c) if !c.expired => c,
+        // An expired link is no guess: no budget is taken for it.
+        Some(_) => return Ok(invalid_page()),
+        None => return Ok(refuse_page(app, req)),
     };
     let model = manage_model(app, &claims).await?;
     Ok(html(StatusCode::OK, page::manage(&model)))
@@ -301,7 +364,7 @@ pub async fn page_get<B>(app: &App, req: &Incoming<B>, raw: &str) -> Result<Repl
 /// no type is given) or `multipart/form-data`.
 async fn form_fields<B>(app: &App, req: Incoming<B>) -> Result<Vec<(String, String)>>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let content_type = req.header(header::CONTENT_TYPE).unwrap_or("").to_owned();
@@ -357,7 +420,7 @@ fn describe(scope: &Scope) -> String {
 /// `POST /u/TOKEN`: RFC 8058 one-click, or one of the page's forms.
 pub async fn page_post<B>(app: &App, req: Incoming<B>, raw: &str) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut expired = false;
@@ -375,47 +438,37 @@ where
 
 async fn page_action<B>(app: &App, req: Incoming<B>, raw: &str, expired: &mut bool) -> Result<Reply>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let claims = segment(raw).ok().and_then(|token| app.tokens().verify(&token, now_secs()).ok());
     let Some(claims) = claims else {
-        if let Err(wait) = limited(app, &req) {
-            return Ok(too_many(wait));
-        }
-        return Ok(invalid_page());
+        return Ok(refuse_page(app, &req));
     };
-    // RFC 8058 POSTs come from mailbox providers' servers, many recipients
-    // behind one address: a valid one-click is never rate limited. Everything
-    // else on this route is.
+    // A valid link is never rate limited: RFC 8058 POSTs come from mailbox
+    // providers' servers, and the page's forms through the web tier, many
+    // recipients behind one address.
     let page_origin = origin(app, &req, "token");
-    let limit = limited(app, &req);
     let fields = match form_fields(app, req).await {
         Ok(f) => f,
         Err(e) => return Ok(html(e.status, page::done("That did not work", &e.message, None))),
     };
     let action = field(&fields, "action");
     let one_click = action.is_none() && field(&fields, "List-Unsubscribe") == Some("One-Click");
-    if let (false, Err(wait)) = (one_click, limit) {
-        return Ok(too_many(wait));
-    }
     let write = |scope: Scope, status: Status, reason: Option<String>, origin: Origin| {
-        let op = Op::SetPreference { customer: claims.customer, scope, status, reason, origin };
-        async move { app.writer().write(op).await }
+        set_once(app, claims.customer, scope, status, reason, origin)
     };
     if one_click {
         let origin = Origin { source: "one_click".into(), ..page_origin };
-        return match write(claims.scope.clone(), Status::OptedOut, None, origin).await {
-            Ok(_) => Ok(html(
-                StatusCode::OK,
-                page::done(
-                    "You are unsubscribed",
-                    &format!("You will no longer get {}.", describe(&claims.scope)),
-                    None,
-                ),
-            )),
-            Err(e) => Err(e.into()),
-        };
+        write(claims.scope.clone(), Status::OptedOut, None, origin).await?;
+        return Ok(html(
+            StatusCode::OK,
+            page::done(
+                "You are unsubscribed",
+                &format!("You will no longer get {}.", describe(&claims.scope)),
+                None,
+            ),
+        ));
     }
     match action {
         Some("opt_out") => {
@@ -457,23 +510,34 @@ where
         Some("update") if !claims.expired => {
             let allow: HashSet<&str> =
                 fields.iter().filter(|(k, _)| k == "allow").map(|(_, v)| v.as_str()).collect();
+            // Each pair once, however often the form names it, and only the
+            // pairs whose effective status changes.
+            let shown: HashSet<&str> =
+                fields.iter().filter(|(k, _)| k == "shown").map(|(_, v)| v.as_str()).collect();
             let mut changes = Vec::new();
             {
                 let index = app.index();
-                for key in fields.iter().filter(|(k, _)| k == "shown").map(|(_, v)| v.as_str()) {
+                for key in shown {
                     let Some((s, c)) = key.split_once('/') else { continue };
                     let Ok(scope) = Scope::parse(s, c) else { continue };
                     let (Target::One(_), Target::One(_)) = (&scope.service, &scope.channel) else { continue };
                     let Ok(set) = index.pair(s, c) else { continue };
                     let wanted = allow.contains(key);
                     if wanted == set.contains(claims.customer.0) {
-                        changes.push((scope, if wanted { Status::OptedIn } else { Status::OptedOut }));
+                        let status = if wanted { Status::OptedIn } else { Status::OptedOut };
+                        changes.push(Op::SetPreference {
+                            customer: claims.customer,
+                            scope,
+                            status,
+                            reason: None,
+                            origin: page_origin.clone(),
+                        });
                     }
                 }
             }
             let n = changes.len();
-            for (scope, status) in changes {
-                write(scope, status, None, page_origin.clone()).await?;
+            for outcome in app.writer().write_many(changes).await {
+                outcome?;
             }
             Ok(html(
                 StatusCode::OK,
