@@ -311,7 +311,7 @@ impl Config {
             match (role_ok, hash_ok) {
                 _ if name.is_empty() => errors.push("an API key has an empty name".into()),
                 (None, _) => {
-                    errors.push(format!("API key {name}: role {role:?} is neither sender nor admin"))
+                    errors.push(format!("API key {name}: role {role:?} is not sender, support or admin"))
                 }
                 (_, None) => errors.push(format!(
                     "API key {name}: sha256 must be 64 hex digits (make one with `prefsd key generate`)"

@@ -7,7 +7,8 @@
 //! | route | role | module |
 //! | --- | --- | --- |
 //! | `GET/POST /v1/check`, `POST /v1/filter` | sender | [`check`] |
-//! | `GET /v1/customers/C/preferences`, `PUT …/preferences/S/H`, `GET …/audit`, `GET /v1/audit`, `POST /v1/preferences/import` | admin | [`preferences`] |
+//! | `GET /v1/customers/C/preferences`, `PUT …/preferences/S/H` (support: reason required), `GET …/audit`, `GET /v1/audit` | support | [`preferences`] |
+//! | `POST /v1/preferences/import` | admin | [`preferences`] |
 //! | `GET /v1/services[/S]`, `GET /v1/channels` | sender | [`services`] |
 //! | `POST /v1/services`, `PATCH /v1/services/S` | admin | [`services`] |
 //! | `POST /v1/tokens` | sender | [`unsubscribe`] |
