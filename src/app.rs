@@ -37,6 +37,8 @@ struct Inner {
     limiter: RateLimiter,
     /// In cluster mode, what the PostgreSQL follower knows.
     cluster: Option<Arc<ClusterStatus>>,
+    /// The support console's sessions (in memory: a restart signs out).
+    console: crate::console::Sessions,
 }
 
 /// The token keys to use: the configured ones, or the embedded default — a
@@ -111,6 +113,7 @@ impl App {
             metrics.clone(),
         );
         let keys = Keys::new(&config.keys);
+        let console = crate::console::Sessions::new(config.console_idle, config.console_absolute);
         let cluster = match &config.postgres {
             None => None,
             Some(url) => {
@@ -143,6 +146,7 @@ impl App {
                 tokens,
                 limiter,
                 cluster,
+                console,
             }),
         })
     }
@@ -180,6 +184,11 @@ impl App {
     /// The recipient routes' rate limiter.
     pub fn limiter(&self) -> &RateLimiter {
         &self.inner.limiter
+    }
+
+    /// The support console's sessions.
+    pub fn console(&self) -> &crate::console::Sessions {
+        &self.inner.console
     }
 
     /// The metrics.

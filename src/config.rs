@@ -84,6 +84,12 @@ pub struct ServeArgs {
     /// Milliseconds between polls of the PostgreSQL event log when no NOTIFY arrives [default: 500].
     #[arg(long, env = "PREFSD_POSTGRES_POLL_MS")]
     pub postgres_poll_ms: Option<u64>,
+    /// Minutes a support console session may sit unused before it ends [default: 30].
+    #[arg(long, env = "PREFSD_CONSOLE_IDLE_MINUTES")]
+    pub console_idle_minutes: Option<u64>,
+    /// Hours a support console session lasts at most, however busy [default: 12].
+    #[arg(long, env = "PREFSD_CONSOLE_ABSOLUTE_HOURS")]
+    pub console_absolute_hours: Option<u64>,
 }
 
 /// The TOML file: every key optional, same names as the flags with `_`.
@@ -112,6 +118,8 @@ pub struct FileConfig {
     rate_limit_burst: Option<u32>,
     postgres: Option<String>,
     postgres_poll_ms: Option<u64>,
+    console_idle_minutes: Option<u64>,
+    console_absolute_hours: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +187,10 @@ pub struct Config {
     pub postgres: Option<String>,
     /// Poll interval of the event log.
     pub postgres_poll: Duration,
+    /// A console session ends after this long unused.
+    pub console_idle: Duration,
+    /// A console session ends this long after sign-in, however busy.
+    pub console_absolute: Duration,
 }
 
 /// An address range, `10.0.0.0/8` or a single address.
@@ -427,6 +439,12 @@ impl Config {
                  add keys (see `prefsd key generate`) or listen on 127.0.0.1"
             ));
         }
+        let console_idle_minutes = args.console_idle_minutes.or(file.console_idle_minutes).unwrap_or(30);
+        let console_absolute_hours =
+            args.console_absolute_hours.or(file.console_absolute_hours).unwrap_or(12);
+        if console_idle_minutes == 0 || console_absolute_hours == 0 {
+            errors.push("console_idle_minutes and console_absolute_hours must be positive".into());
+        }
         if !errors.is_empty() {
             return Err(errors.join("\n"));
         }
@@ -452,6 +470,8 @@ impl Config {
             postgres_poll: Duration::from_millis(
                 args.postgres_poll_ms.or(file.postgres_poll_ms).unwrap_or(500).max(10),
             ),
+            console_idle: Duration::from_secs(console_idle_minutes.saturating_mul(60)),
+            console_absolute: Duration::from_secs(console_absolute_hours.saturating_mul(3600)),
         })
     }
 }

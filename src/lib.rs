@@ -15,6 +15,7 @@
 //! - [`app`]: the shared state handle.
 //! - [`http`]: routes, handlers and the error contract ([`error`]).
 //! - [`auth`]: API keys and roles.
+//! - [`console`]: the support console's pages, sessions and CSRF tokens.
 //! - [`config`]: flags, environment and file, validated into [`config::Config`].
 //! - [`metrics`]: the Prometheus registry.
 //! - [`server`]: accept loops and graceful shutdown.
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod error;
 pub mod http;

@@ -14,6 +14,7 @@
 //! | `POST /v1/tokens` | sender | [`unsubscribe`] |
 //! | `POST /v1/tokens/redeem`, `GET/POST /u/TOKEN` | none (the token) | [`unsubscribe`] |
 //! | `GET /healthz`, `/readyz`, `/metrics`, `/openapi.json` | none | here |
+//! | `/console/…` (HTML, session cookie; not in OpenAPI, counted as `other`) | support | [`crate::console`] |
 //!
 //! [`ROUTES`] lists every (method, path) in the OpenAPI document's terms;
 //! a test keeps it, the router and `openapi.json` in step. Each request is
@@ -468,6 +469,7 @@ where
             (Route::Page, unsubscribe::page_post(app, req, &token).await)
         }
         (Listener::Api, ["u", _]) => (Route::Page, Err(method_not_allowed("GET, POST"))),
+        (Listener::Api, ["console", ..]) => (Route::Other, Ok(crate::console::handle(app, req).await)),
         _ => (Route::Other, Err(ApiError::no_route(&path))),
     }
 }

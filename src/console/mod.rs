@@ -1,0 +1,381 @@
+//! The support console: server-rendered pages under `/console/` on the API
+//! listener, for the support and compliance staff who answer "I opted out
+//! and you still texted me" (DESIGN.md, "Roles and the support console").
+//!
+//! A staff member signs in once with their own key (role `support` or
+//! `admin`; sender keys cannot) and gets a server-side session
+//! ([`session`]); every form carries the session's CSRF token
+//! ([`csrf`]); every page is HTML without script, escaped throughout, with
+//! the recipient page's protective headers ([`html`]).
+//!
+//! # Pages (stable URLs)
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `GET /console/` | overview: opted-out customers per pair |
+//! | `GET/POST /console/sign-in` | the sign-in form (field `key`) |
+//! | `POST /console/sign-out` | ends the session |
+//! | `GET /console/customers?q=…` | find a customer |
+//! | `GET/POST /console/customers/C` | grid, deciding records, change form, timeline ([`customer`]) |
+//! | `GET /console/customers/C/export.json`, `.csv` | the customer's data |
+//! | `GET /console/services` | services with opted-out counts (admin only) |
+//!
+//! Rendering lives in [`pages`]; this file routes and handles.
+
+pub mod csrf;
+pub mod customer;
+pub mod html;
+pub mod pages;
+pub mod session;
+
+pub use session::Sessions;
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::Body;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, StatusCode};
+
+use crate::app::App;
+use crate::auth::{Denied, Role};
+use crate::domain::{CustomerId, Origin, Status, check_reason};
+use crate::error::ApiError;
+use crate::http::unsubscribe::client_addr;
+use crate::http::{Incoming, Reply, blocking, query_param, segment};
+use crate::writer::Op;
+use customer::CustomerView;
+use html::{message, page, redirect};
+use session::Staff;
+
+/// Longest user agent kept in the audit log.
+const MAX_USER_AGENT: usize = 256;
+
+/// Serves one `/console/…` request. Errors are pages, not JSON.
+pub async fn handle<B>(app: &App, req: Incoming<B>) -> Reply
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let path = req.parts.uri.path().to_owned();
+    let rest: Vec<&str> = path.trim_start_matches('/').split('/').skip(1).collect();
+    let method = req.parts.method.clone();
+    let get = method == Method::GET || method == Method::HEAD;
+    let post = method == Method::POST;
+    match rest.as_slice() {
+        [] => return redirect("/console/"),
+        ["sign-in"] if get => return page(StatusCode::OK, pages::sign_in(None)),
+        ["sign-in"] if post => return sign_in(app, req).await,
+        ["sign-in"] => return not_allowed(None),
+        _ => {}
+    }
+    let Some((id, staff)) = session(app, &req) else {
+        // Unknown, ended or expired: sign in first. Nothing is done.
+        return redirect("/console/sign-in");
+    };
+    let result = match rest.as_slice() {
+        [""] if get => overview(app, &staff).await,
+        ["sign-out"] if post => sign_out(app, req, &id, &staff).await,
+        ["customers"] if get => Ok(find(&req, &staff)),
+        ["customers", c] if get => customer_page(app, &staff, c, None, StatusCode::OK).await,
+        ["customers", c] if post => {
+            let c = c.to_string();
+            change(app, req, &staff, &c).await
+        }
+        ["customers", c, "export.json"] if get => export(app, c, true).await,
+        ["customers", c, "export.csv"] if get => export(app, c, false).await,
+        ["services"] if get => services(app, &staff).await,
+        [""] | ["customers", ..] | ["services"] | ["sign-out"] => Ok(not_allowed(Some(&staff))),
+        _ => {
+            Ok(message(StatusCode::NOT_FOUND, Some(&staff), "Not found", "No console page has this address."))
+        }
+    };
+    result.unwrap_or_else(|e| message(e.status, Some(&staff), "Something went wrong", &e.message))
+}
+
+fn not_allowed(staff: Option<&Staff>) -> Reply {
+    message(StatusCode::METHOD_NOT_ALLOWED, staff, "Not allowed", "This page does not accept that method.")
+}
+
+/// The session id from the request's cookie.
+fn cookie<B>(req: &Incoming<B>) -> Option<String> {
+    req.parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(html::COOKIE)?.strip_prefix('='))
+        .find(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+fn session<B>(app: &App, req: &Incoming<B>) -> Option<(String, Staff)> {
+    let id = cookie(req)?;
+    let staff = app.console().get(&id, Instant::now())?;
+    Some((id, staff))
+}
+
+fn secure(app: &App) -> bool {
+    app.config().public_url.starts_with("https://")
+}
+
+/// Reads an `application/x-www-form-urlencoded` body (what a form posts).
+async fn form<B>(app: &App, req: Incoming<B>) -> Result<Vec<(String, String)>, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let content_type = req.header(header::CONTENT_TYPE).unwrap_or("").to_owned();
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if !(mime.is_empty() || mime == "application/x-www-form-urlencoded") {
+        return Err(crate::http::unsupported(&content_type, "application/x-www-form-urlencoded"));
+    }
+    let bytes = req.bytes(app.config().max_body_bytes).await?;
+    Ok(form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// `POST /console/sign-in`: every attempt takes a token from the
+/// per-address limiter before the key is looked at, so guessing is
+/// throttled and a refusal says nothing about whether a key was right.
+async fn sign_in<B>(app: &App, req: Incoming<B>) -> Reply
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Err(wait) = app.limiter().check(client_addr(app, &req), Instant::now()) {
+        let wait = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        let text = "Too many sign-in attempts from your address. Wait a minute and try again.";
+        let mut reply = page(StatusCode::TOO_MANY_REQUESTS, pages::sign_in(Some(text)));
+        reply.headers_mut().insert(header::RETRY_AFTER, wait.into());
+        return reply;
+    }
+    let fields = match form(app, req).await {
+        Ok(f) => f,
+        Err(e) => return page(e.status, pages::sign_in(Some(&e.message))),
+    };
+    let key = field(&fields, "key").unwrap_or("").trim();
+    if app.keys().is_empty() {
+        let text = "The console needs API keys: configure a support or admin key, then sign in with it.";
+        return page(StatusCode::FORBIDDEN, pages::sign_in(Some(text)));
+    }
+    let header = format!("Bearer {key}");
+    match app.keys().authorize(Some(header.as_bytes()), Role::Support) {
+        Ok(caller) => match app.console().open(&caller.name, caller.role, Instant::now()) {
+            Ok(id) => {
+                let mut reply = redirect("/console/");
+                let cookie = html::session_cookie(&id, app.console().absolute().as_secs(), secure(app));
+                if let Ok(v) = HeaderValue::from_str(&cookie) {
+                    reply.headers_mut().insert(header::SET_COOKIE, v);
+                }
+                tracing::info!(staff = %caller.name, role = %caller.role, "console sign-in");
+                reply
+            }
+            Err(e) => page(StatusCode::SERVICE_UNAVAILABLE, pages::sign_in(Some(&e))),
+        },
+        Err(Denied::Forbidden) => page(
+            StatusCode::FORBIDDEN,
+            pages::sign_in(Some("This key cannot sign in: only support and admin keys may use the console.")),
+        ),
+        Err(Denied::Unauthenticated) => {
+            page(StatusCode::UNAUTHORIZED, pages::sign_in(Some("That key is not a configured key.")))
+        }
+    }
+}
+
+/// Checks a posted form's CSRF token: `Some` is the refusal page.
+fn csrf_refusal(staff: &Staff, fields: &[(String, String)]) -> Option<Reply> {
+    if csrf::valid(staff, field(fields, "csrf")) {
+        None
+    } else {
+        Some(message(
+            StatusCode::FORBIDDEN,
+            Some(staff),
+            "Form refused",
+            "This form did not carry this session's security token, so nothing was changed. \
+             Reload the page and try again.",
+        ))
+    }
+}
+
+async fn sign_out<B>(app: &App, req: Incoming<B>, id: &str, staff: &Staff) -> Result<Reply, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let fields = form(app, req).await?;
+    if let Some(refused) = csrf_refusal(staff, &fields) {
+        return Ok(refused);
+    }
+    app.console().close(id);
+    let mut reply = redirect("/console/sign-in");
+    if let Ok(v) = HeaderValue::from_str(&html::cleared_cookie(secure(app))) {
+        reply.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(reply)
+}
+
+/// What a search term names. Contact points (email, phone) slot in here
+/// once they exist: they resolve to a customer id the same way.
+enum Found {
+    Customer(CustomerId),
+    Nothing(String),
+}
+
+fn lookup(q: &str) -> Found {
+    match CustomerId::parse(q.trim()) {
+        Ok(c) => Found::Customer(c),
+        Err(_) => {
+            Found::Nothing(format!("{:?} is not a customer id: enter the customer's number.", q.trim()))
+        }
+    }
+}
+
+fn find<B>(req: &Incoming<B>, staff: &Staff) -> Reply {
+    let query = req.parts.uri.query().unwrap_or("");
+    match query_param(query, "q") {
+        None => page(StatusCode::OK, pages::find(staff, "", None)),
+        Some(q) => match lookup(&q) {
+            Found::Customer(c) => redirect(&format!("/console/customers/{}", c.0)),
+            Found::Nothing(why) => page(StatusCode::NOT_FOUND, pages::find(staff, &q, Some(&why))),
+        },
+    }
+}
+
+fn customer_id(raw: &str) -> Result<CustomerId, ApiError> {
+    CustomerId::parse(&segment(raw)?).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e.0))
+}
+
+async fn customer_view(app: &App, customer: CustomerId) -> Result<CustomerView, ApiError> {
+    let store = app.store().clone();
+    let (services, records, events) =
+        blocking(move || Ok((store.services()?, store.records(customer)?, store.customer_events(customer)?)))
+            .await?;
+    let index = app.index();
+    Ok(CustomerView::build(customer, &services, &index, &records, events))
+}
+
+fn channel_names(app: &App) -> Vec<String> {
+    app.index().channels().iter().map(ToString::to_string).collect()
+}
+
+async fn customer_page(
+    app: &App,
+    staff: &Staff,
+    raw: &str,
+    notice: Option<&str>,
+    status: StatusCode,
+) -> Result<Reply, ApiError> {
+    let customer = customer_id(raw)?;
+    let view = customer_view(app, customer).await?;
+    Ok(page(status, pages::customer(staff, &view, &channel_names(app), notice)))
+}
+
+/// `POST /console/customers/C`: one change, reason required, the staff
+/// member's name as actor, source `console`.
+async fn change<B>(app: &App, req: Incoming<B>, staff: &Staff, raw: &str) -> Result<Reply, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let customer = customer_id(raw)?;
+    let user_agent = req
+        .parts
+        .headers
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).chars().take(MAX_USER_AGENT).collect());
+    let addr = client_addr(app, &req).to_string();
+    let fields = form(app, req).await?;
+    if let Some(refused) = csrf_refusal(staff, &fields) {
+        return Ok(refused);
+    }
+    let parsed = (|| -> Result<Op, ApiError> {
+        let scope = crate::http::preferences::parse_scope(
+            app,
+            field(&fields, "service").unwrap_or(""),
+            field(&fields, "channel").unwrap_or(""),
+        )?;
+        let status = Status::parse(field(&fields, "status").unwrap_or(""))?;
+        let reason = check_reason(field(&fields, "reason").map(|r| r.trim().to_owned()))?;
+        if reason.is_none() {
+            return Err(ApiError::bad_request(
+                "reason_required",
+                "Give a reason: it is recorded with the change.",
+            ));
+        }
+        let origin = Origin {
+            source: "console".into(),
+            actor: staff.name.clone(),
+            client_addr: Some(addr),
+            user_agent,
+        };
+        Ok(Op::SetPreference { customer, scope, status, reason, origin })
+    })();
+    let written = match parsed {
+        Ok(op) => app.writer().write(op).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(_) => Ok(redirect(&format!("/console/customers/{}", customer.0))),
+        Err(e) => {
+            let text = format!("Nothing was changed: {}", e.message);
+            customer_page(app, staff, raw, Some(&text), e.status).await
+        }
+    }
+}
+
+async fn export(app: &App, raw: &str, json: bool) -> Result<Reply, ApiError> {
+    let customer = customer_id(raw)?;
+    let view = customer_view(app, customer).await?;
+    Ok(if json {
+        html::download("application/json", &format!("customer-{}.json", customer.0), view.to_json())
+    } else {
+        html::download("text/csv; charset=utf-8", &format!("customer-{}.csv", customer.0), view.to_csv())
+    })
+}
+
+async fn services_list(app: &App) -> Result<Vec<crate::domain::Service>, ApiError> {
+    let store = app.store().clone();
+    blocking(move || Ok(store.services()?)).await
+}
+
+/// Opted-out customers per (service, channel): the index's cardinalities.
+fn pair_counts(app: &App, services: &[crate::domain::Service]) -> Vec<pages::PairCount> {
+    let index = app.index();
+    services
+        .iter()
+        .map(|s| pages::PairCount {
+            service: s.slug.to_string(),
+            name: s.name.clone(),
+            archived: s.archived,
+            counts: index
+                .channels()
+                .iter()
+                .map(|h| index.pair(s.slug.as_str(), h.as_str()).map_or(0, |p| p.len()))
+                .collect(),
+        })
+        .collect()
+}
+
+async fn overview(app: &App, staff: &Staff) -> Result<Reply, ApiError> {
+    let pairs = pair_counts(app, &services_list(app).await?);
+    Ok(page(StatusCode::OK, pages::overview(staff, &channel_names(app), &pairs)))
+}
+
+/// `GET /console/services`: admin only; support staff are refused.
+async fn services(app: &App, staff: &Staff) -> Result<Reply, ApiError> {
+    if staff.role < Role::Admin {
+        return Ok(message(
+            StatusCode::FORBIDDEN,
+            Some(staff),
+            "Not allowed",
+            "Service management needs an admin key.",
+        ));
+    }
+    let pairs = pair_counts(app, &services_list(app).await?);
+    Ok(page(StatusCode::OK, pages::services(staff, &channel_names(app), &pairs)))
+}
