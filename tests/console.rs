@@ -407,6 +407,8 @@ fn markup_is_shown_as_text_on_every_page_and_in_both_exports() {
         ("/console/", b.get("/console/")),
         ("/console/services", b.get("/console/services")),
         ("/console/customers/9", b.get("/console/customers/9")),
+        ("/console/audit", b.get("/console/audit")),
+        ("filtered audit", b.get(&format!("/console/audit?actor={}", prefsd::client::encode(NAME)))),
         ("find", find),
     ] {
         assert!(p.status == 200 || p.status == 404, "{path}: {}", p.status);
@@ -416,6 +418,13 @@ fn markup_is_shown_as_text_on_every_page_and_in_both_exports() {
         assert!(!p.body.contains("<script") && !p.body.contains("<img") && !p.body.contains("<b "), "{path}");
     }
     let page = b.get("/console/customers/9");
+    let audit = b.get(&format!("/console/audit?actor={}", prefsd::client::encode(NAME)));
+    assert_eq!(audit_seqs(&audit).len(), 2, "the filter finds both entries by the marked-up name");
+    let audit_csv = b.get("/console/audit.csv");
+    assert!(audit_csv.header("content-disposition").unwrap().starts_with("attachment"));
+    let mut reader = csv::Reader::from_reader(audit_csv.body.as_bytes());
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!((&rows[0][7], &rows[0][9], &rows[1][11]), (REASON, NAME, UA));
     for shown in [
         "&lt;img src=x onerror=alert(1)&gt;",
         "&lt;script&gt;alert(&#39;reason&#39;)&lt;/script&gt;",
@@ -443,4 +452,224 @@ fn markup_is_shown_as_text_on_every_page_and_in_both_exports() {
     assert_eq!(rows.len(), 2);
     assert_eq!((&rows[0][7], &rows[0][9]), (REASON, NAME));
     assert_eq!((&rows[1][7], &rows[1][11]), (REASON, UA));
+}
+
+/// The sequence numbers of the audit page's rows, in order.
+fn audit_seqs(p: &Page) -> Vec<u64> {
+    p.body.split("<tr><td>").skip(1).filter_map(|r| r.split("</td>").next()?.parse().ok()).collect()
+}
+
+/// Every entry of `GET /v1/audit`, oldest first.
+fn api_audit(app: &util::TestApp) -> Vec<Value> {
+    let admin = api(app, ADMIN);
+    let mut after = 0;
+    let mut all = Vec::new();
+    loop {
+        let page = call(&admin, "GET", &format!("/v1/audit?after={after}&limit=1000"), None);
+        let entries = page["entries"].as_array().unwrap().clone();
+        if page["next_after"] == after {
+            return all;
+        }
+        after = page["next_after"].as_u64().unwrap();
+        all.extend(entries);
+    }
+}
+
+#[test]
+fn audit_filters_pages_and_csv_are_exactly_the_api_rows() {
+    let app = util::spawn_with(staff_keys);
+    let admin = api(&app, ADMIN);
+    let support = api(&app, SUPPORT);
+    call(&admin, "POST", "/v1/services", Some(json!({"slug": "rating"})));
+    call(&admin, "POST", "/v1/services", Some(json!({"slug": "waitlist"})));
+    let items: Vec<Value> = (0..150)
+        .map(|i| json!({"customer": i, "service": "rating", "channel": "sms", "status": "opted_out"}))
+        .collect();
+    assert_eq!(
+        call(&admin, "POST", "/v1/preferences/import", Some(json!({"items": items})))["accepted"],
+        150
+    );
+    for (c, s, h) in [(1, "rating", "email"), (2, "waitlist", "*"), (3, "*", "*")] {
+        let body = json!({"status": "opted_out", "reason": "asked"});
+        call(&support, "PUT", &format!("/v1/customers/{c}/preferences/{s}/{h}"), Some(body));
+    }
+    call(&admin, "PUT", "/v1/customers/1/preferences/rating/email", Some(json!({"status": "opted_in"})));
+    let mut b = Browser::new(&app);
+    b.sign_in(SUPPORT);
+    let csrf = b.get("/console/").csrf();
+    let fields = [
+        ("csrf", csrf.as_str()),
+        ("service", "waitlist"),
+        ("channel", "sms"),
+        ("status", "opted_out"),
+        ("reason", "r"),
+    ];
+    assert_eq!(b.post("/console/customers/4", &fields).status, 303);
+
+    let all = api_audit(&app);
+    let today = all[0]["at"].as_str().unwrap()[..10].to_owned();
+    let tomorrow: jiff::civil::Date = today.parse::<jiff::civil::Date>().unwrap().tomorrow().unwrap();
+    type Pred = Box<dyn Fn(&Value) -> bool>;
+    let cases: Vec<(String, Pred)> = vec![
+        ("source=api".into(), Box::new(|e| e["source"] == "api")),
+        ("actor=dana".into(), Box::new(|e| e["actor"] == "dana")),
+        ("source=api&actor=dana".into(), Box::new(|e| e["source"] == "api" && e["actor"] == "dana")),
+        ("service=*".into(), Box::new(|e| e["service"] == "*")),
+        (
+            "service=waitlist&channel=sms".into(),
+            Box::new(|e| e["service"] == "waitlist" && e["channel"] == "sms"),
+        ),
+        ("source=console".into(), Box::new(|e| e["source"] == "console")),
+        (format!("from={today}&to={today}&actor=ops"), Box::new(|e| e["actor"] == "ops")),
+        (format!("from={tomorrow}"), Box::new(|_| false)),
+        (format!("to={today}&source=import"), Box::new(|e| e["source"] == "import")),
+    ];
+    for (query, pred) in &cases {
+        let expected: Vec<u64> = all.iter().filter(|e| pred(e)).map(|e| e["seq"].as_u64().unwrap()).collect();
+        // The pages, followed by their "Next page" links.
+        let mut shown = Vec::new();
+        let mut path = format!("/console/audit?{query}");
+        loop {
+            let p = b.get(&path);
+            assert_eq!(p.status, 200, "{path}");
+            let rows = audit_seqs(&p);
+            assert!(rows.len() <= 100, "{path}: {} rows on one page", rows.len());
+            shown.extend(rows);
+            match p.body.find("<a href=\"/console/audit?") {
+                Some(at) if p.body[at..].contains(">Next page<") => {
+                    let href = p.body[at + 9..].split('"').next().unwrap();
+                    path = href.replace("&amp;", "&");
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(shown, expected, "{query}");
+        // The CSV: exactly the same rows, with the API's fields.
+        let csv_page = b.get(&format!("/console/audit.csv?{query}"));
+        assert_eq!(csv_page.status, 200);
+        let mut reader = csv::Reader::from_reader(csv_page.body.as_bytes());
+        let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        let seqs: Vec<u64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
+        assert_eq!(seqs, expected, "csv {query}");
+        for (row, seq) in rows.iter().zip(&expected) {
+            let e = all.iter().find(|e| e["seq"] == *seq).unwrap();
+            assert_eq!(&row[1], e["at"].as_str().unwrap());
+            assert_eq!(row[2], e["customer"].to_string());
+            assert_eq!((&row[3], &row[4]), (e["service"].as_str().unwrap(), e["channel"].as_str().unwrap()));
+            assert_eq!(&row[6], e["after"].as_str().unwrap());
+            assert_eq!(&row[7], e["reason"].as_str().unwrap_or(""));
+            assert_eq!((&row[8], &row[9]), (e["source"].as_str().unwrap(), e["actor"].as_str().unwrap()));
+        }
+    }
+    assert_eq!(b.get("/console/audit?from=someday").status, 400);
+}
+
+/// The metrics' `prefsd_index_opted_out` gauge of one pair.
+fn gauge(app: &util::TestApp, service: &str, channel: &str) -> u64 {
+    let text = String::from_utf8(app.client.send("GET", "/metrics", None, None).unwrap().body).unwrap();
+    let name = format!("prefsd_index_opted_out{{service=\"{service}\",channel=\"{channel}\"}} ");
+    let line = text.lines().find_map(|l| l.strip_prefix(name.as_str())).unwrap_or_else(|| panic!("{name}"));
+    line.trim().parse::<f64>().unwrap() as u64
+}
+
+#[test]
+fn the_overview_matches_the_index_and_the_audit_log() {
+    let app = util::spawn_with(staff_keys);
+    let admin = api(&app, ADMIN);
+    for slug in ["rating", "waitlist"] {
+        call(&admin, "POST", "/v1/services", Some(json!({"slug": slug})));
+    }
+    for (c, s, h, status) in [
+        (1, "rating", "email", "opted_out"),
+        (2, "*", "*", "opted_out"),
+        (3, "waitlist", "*", "opted_out"),
+        (2, "rating", "sms", "opted_in"),
+        (4, "*", "sms", "opted_out"),
+    ] {
+        call(
+            &admin,
+            "PUT",
+            &format!("/v1/customers/{c}/preferences/{s}/{h}"),
+            Some(json!({"status": status})),
+        );
+    }
+    let mut b = Browser::new(&app);
+    b.sign_in(SUPPORT);
+    let p = b.get("/console/");
+    assert_eq!(p.status, 200);
+    for slug in ["rating", "waitlist"] {
+        let marker = format!("({slug})</span></th><td>active</td>");
+        let at = p.body.find(&marker).unwrap() + marker.len();
+        let cells: Vec<u64> = p.body[at..]
+            .split("</tr>")
+            .next()
+            .unwrap()
+            .split("<td>")
+            .filter_map(|c| c.split("</td>").next()?.parse().ok())
+            .collect();
+        assert_eq!(cells, vec![gauge(&app, slug, "email"), gauge(&app, slug, "sms")], "{slug}");
+    }
+    assert_eq!(gauge(&app, "rating", "sms"), 1, "the fixture means something");
+    // Today's row of the per-day table counts today's entries.
+    let all = api_audit(&app);
+    let today = &all[0]["at"].as_str().unwrap()[..10];
+    let outs = all.iter().filter(|e| e["after"] == "opted_out").count();
+    let ins = all.iter().filter(|e| e["after"] == "opted_in").count();
+    let row = format!("<tr><th scope=\"row\">{today}</th><td>{outs}</td><td>{ins}</td></tr>");
+    assert!(p.body.contains(&row), "{row}");
+    assert!(p.body.contains("<svg role=\"img\""), "the chart is drawn");
+    assert_eq!(p.body.matches("<tr><th scope=\"row\">20").count(), 90, "ninety days in the table");
+}
+
+#[test]
+fn admins_manage_services_in_the_console_and_support_cannot() {
+    let app = util::spawn_with(staff_keys);
+    let admin_api = api(&app, ADMIN);
+    let mut admin = Browser::new(&app);
+    admin.sign_in(ADMIN);
+    let csrf = admin.get("/console/services").csrf();
+    let p = admin.post(
+        "/console/services",
+        &[("csrf", &csrf), ("slug", "rating"), ("name", "Ratings"), ("description", "After a visit")],
+    );
+    assert_eq!((p.status, p.location()), (303, Some("/console/services")), "{}", p.body);
+    let s = call(&admin_api, "GET", "/v1/services/rating", None);
+    assert_eq!((s["name"].as_str(), s["description"].as_str()), (Some("Ratings"), Some("After a visit")));
+    let p = admin.post("/console/services", &[("csrf", &csrf), ("slug", "rating")]);
+    assert_eq!(p.status, 409, "a second registration is refused");
+    let p = admin.post("/console/services", &[("csrf", &csrf), ("slug", "Bad Slug")]);
+    assert_eq!(p.status, 400);
+
+    let edit = |action: &'static str| {
+        vec![
+            ("csrf", csrf.clone()),
+            ("name", "Visit ratings".to_owned()),
+            ("description", "d".to_owned()),
+            ("action", action.to_owned()),
+        ]
+    };
+    let post = |b: &mut Browser, fields: Vec<(&str, String)>| {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        b.post("/console/services/rating", &fields)
+    };
+    assert_eq!(post(&mut admin, edit("save")).status, 303);
+    assert_eq!(call(&admin_api, "GET", "/v1/services/rating", None)["name"], "Visit ratings");
+    assert_eq!(post(&mut admin, edit("archive")).status, 303);
+    assert_eq!(call(&admin_api, "GET", "/v1/services/rating", None)["archived"], true);
+    assert!(admin.get("/console/services").body.contains("value=\"restore\""));
+    assert_eq!(post(&mut admin, edit("restore")).status, 303);
+    assert_eq!(call(&admin_api, "GET", "/v1/services/rating", None)["archived"], false);
+
+    // Without the token, or as support, nothing changes.
+    let p = admin.post("/console/services", &[("slug", "waitlist")]);
+    assert_eq!(p.status, 403);
+    let mut support = Browser::new(&app);
+    support.sign_in(SUPPORT);
+    let token = support.get("/console/").csrf();
+    assert_eq!(support.post("/console/services", &[("csrf", &token), ("slug", "waitlist")]).status, 403);
+    let archive = [("csrf", token.as_str()), ("action", "archive")];
+    assert_eq!(support.post("/console/services/rating", &archive).status, 403);
+    let list = call(&admin_api, "GET", "/v1/services", None);
+    assert_eq!(list["services"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(call(&admin_api, "GET", "/v1/services/rating", None)["archived"], false);
 }

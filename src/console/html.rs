@@ -59,7 +59,7 @@ pub fn document(title: &str, staff: Option<&Staff>, body: &str) -> String {
         esc(title)
     );
     if let Some(staff) = staff {
-        out.push_str("<nav aria-label=\"Console\"><ul><li><a href=\"/console/\">Overview</a></li><li><a href=\"/console/customers\">Find a customer</a></li>");
+        out.push_str("<nav aria-label=\"Console\"><ul><li><a href=\"/console/\">Overview</a></li><li><a href=\"/console/customers\">Find a customer</a></li><li><a href=\"/console/audit\">Audit log</a></li>");
         if staff.role == Role::Admin {
             out.push_str("<li><a href=\"/console/services\">Services</a></li>");
         }

@@ -18,14 +18,19 @@
 //! | `GET /console/customers?q=…` | find a customer |
 //! | `GET/POST /console/customers/C` | grid, deciding records, change form, timeline ([`customer`]) |
 //! | `GET /console/customers/C/export.json`, `.csv` | the customer's data |
-//! | `GET /console/services` | services with opted-out counts (admin only) |
+//! | `GET/POST /console/services`, `POST /console/services/S` | list with opted-out counts; create, edit, archive, restore (admin only, [`services`]) |
+//! | `GET /console/audit?…`, `/console/audit.csv?…` | the audit log, filtered and paged; CSV of the filtered rows ([`audit`]) |
 //!
-//! Rendering lives in [`pages`]; this file routes and handles.
+//! The overview's per-day chart is [`chart`]; other rendering lives in
+//! [`pages`]; this file routes and handles.
 
+pub mod audit;
+pub mod chart;
 pub mod csrf;
 pub mod customer;
 pub mod html;
 pub mod pages;
+pub mod services;
 pub mod session;
 
 pub use session::Sessions;
@@ -84,8 +89,17 @@ where
         }
         ["customers", c, "export.json"] if get => export(app, c, true).await,
         ["customers", c, "export.csv"] if get => export(app, c, false).await,
-        ["services"] if get => services(app, &staff).await,
-        [""] | ["customers", ..] | ["services"] | ["sign-out"] => Ok(not_allowed(Some(&staff))),
+        ["services"] if get => services(app, &staff, None, StatusCode::OK).await,
+        ["services"] if post => service_write(app, req, &staff, None).await,
+        ["services", s] if post => {
+            let s = s.to_string();
+            service_write(app, req, &staff, Some(&s)).await
+        }
+        ["audit"] if get => audit_page(app, &req, &staff, false).await,
+        ["audit.csv"] if get => audit_page(app, &req, &staff, true).await,
+        [""] | ["customers", ..] | ["services", ..] | ["sign-out"] | ["audit"] | ["audit.csv"] => {
+            Ok(not_allowed(Some(&staff)))
+        }
         _ => {
             Ok(message(StatusCode::NOT_FOUND, Some(&staff), "Not found", "No console page has this address."))
         }
@@ -361,21 +375,114 @@ fn pair_counts(app: &App, services: &[crate::domain::Service]) -> Vec<pages::Pai
         .collect()
 }
 
+fn last_seq(app: &App) -> u64 {
+    *app.writer().applied().borrow()
+}
+
 async fn overview(app: &App, staff: &Staff) -> Result<Reply, ApiError> {
     let pairs = pair_counts(app, &services_list(app).await?);
-    Ok(page(StatusCode::OK, pages::overview(staff, &channel_names(app), &pairs)))
+    let (store, last) = (app.store().clone(), last_seq(app));
+    let days = blocking(move || Ok(chart::per_day(&store, crate::domain::Micros::now(), last)?)).await?;
+    let body = pages::overview(staff, &channel_names(app), &pairs, &chart::render(&days));
+    Ok(page(StatusCode::OK, body))
+}
+
+fn admin_only(staff: &Staff) -> Option<Reply> {
+    (staff.role < Role::Admin).then(|| {
+        message(StatusCode::FORBIDDEN, Some(staff), "Not allowed", "Service management needs an admin key.")
+    })
 }
 
 /// `GET /console/services`: admin only; support staff are refused.
-async fn services(app: &App, staff: &Staff) -> Result<Reply, ApiError> {
-    if staff.role < Role::Admin {
-        return Ok(message(
-            StatusCode::FORBIDDEN,
-            Some(staff),
-            "Not allowed",
-            "Service management needs an admin key.",
-        ));
+async fn services(
+    app: &App,
+    staff: &Staff,
+    notice: Option<&str>,
+    status: StatusCode,
+) -> Result<Reply, ApiError> {
+    if let Some(refused) = admin_only(staff) {
+        return Ok(refused);
     }
-    let pairs = pair_counts(app, &services_list(app).await?);
-    Ok(page(StatusCode::OK, pages::services(staff, &channel_names(app), &pairs)))
+    let list = services_list(app).await?;
+    let counts = pair_counts(app, &list);
+    let rows: Vec<services::ServiceRow<'_>> = list
+        .iter()
+        .zip(counts)
+        .map(|(service, c)| services::ServiceRow { service, counts: c.counts })
+        .collect();
+    Ok(page(status, services::render(staff, &channel_names(app), &rows, notice)))
+}
+
+/// `POST /console/services` (create) and `POST /console/services/S`
+/// (`action` = save, archive or restore); admin only, CSRF-checked.
+async fn service_write<B>(
+    app: &App,
+    req: Incoming<B>,
+    staff: &Staff,
+    slug: Option<&str>,
+) -> Result<Reply, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Some(refused) = admin_only(staff) {
+        return Ok(refused);
+    }
+    let fields = form(app, req).await?;
+    if let Some(refused) = csrf_refusal(staff, &fields) {
+        return Ok(refused);
+    }
+    let (max_name, max_desc) = services::LIMITS;
+    let op = (|| -> Result<Op, ApiError> {
+        let name = field(&fields, "name").map(str::trim).filter(|n| !n.is_empty());
+        let description = field(&fields, "description").map(str::trim);
+        let actor = staff.name.clone();
+        Ok(match slug {
+            None => {
+                let slug = crate::domain::ServiceSlug::parse(field(&fields, "slug").unwrap_or("").trim())?;
+                let name = services::text("name", name.unwrap_or(slug.as_str()), max_name)?;
+                let description = services::text("description", description.unwrap_or(""), max_desc)?;
+                Op::CreateService { slug, name, description, actor }
+            }
+            Some(raw) => {
+                let slug = crate::domain::ServiceSlug::parse(&segment(raw)?)?;
+                let (name, description, archived) = match field(&fields, "action") {
+                    Some("archive") => (None, None, Some(true)),
+                    Some("restore") => (None, None, Some(false)),
+                    _ => (
+                        name.map(|n| services::text("name", n, max_name)).transpose()?,
+                        description.map(|d| services::text("description", d, max_desc)).transpose()?,
+                        None,
+                    ),
+                };
+                Op::UpdateService { slug, name, description, archived, actor }
+            }
+        })
+    })();
+    match op {
+        Ok(op) => match app.writer().write(op).await {
+            Ok(_) => Ok(redirect("/console/services")),
+            Err(e) => {
+                let e = ApiError::from(e);
+                services(app, staff, Some(&format!("Nothing was changed: {}", e.message)), e.status).await
+            }
+        },
+        Err(e) => services(app, staff, Some(&format!("Nothing was changed: {}", e.message)), e.status).await,
+    }
+}
+
+/// `GET /console/audit?…` and `/console/audit.csv?…`.
+async fn audit_page<B>(app: &App, req: &Incoming<B>, staff: &Staff, csv: bool) -> Result<Reply, ApiError> {
+    let filter = match audit::Filter::parse(req.parts.uri.query().unwrap_or("")) {
+        Ok(f) => f,
+        Err(e) => return Ok(message(e.status, Some(staff), "Audit log", &e.message)),
+    };
+    let (store, last) = (app.store().clone(), last_seq(app));
+    let limit = if csv { audit::MAX_EXPORT } else { audit::PAGE };
+    let scan_filter = filter.clone();
+    let (rows, more) = blocking(move || Ok(audit::scan(&store, &scan_filter, last, limit)?)).await?;
+    if csv {
+        return Ok(html::download("text/csv; charset=utf-8", "audit.csv", audit::csv(&rows)));
+    }
+    Ok(page(StatusCode::OK, html::document("Audit log", Some(staff), &audit::render(&filter, &rows, more))))
 }

@@ -209,18 +209,12 @@ fn counts_table(b: &mut String, id: &str, channels: &[String], pairs: &[PairCoun
     b.push_str("</tbody></table>");
 }
 
-/// The overview: opted-out customers per pair.
-pub fn overview(staff: &Staff, channels: &[String], pairs: &[PairCount]) -> String {
+/// The overview: opted-out customers per pair, then `per_day` (the
+/// chart and its table, see [`super::chart`]).
+pub fn overview(staff: &Staff, channels: &[String], pairs: &[PairCount], per_day: &str) -> String {
     let mut b =
         String::from("<h1>Overview</h1><h2 id=\"optouts\">Opted-out customers per service and channel</h2>");
     counts_table(&mut b, "optouts", channels, pairs);
+    b.push_str(per_day);
     document("Overview", Some(staff), &b)
-}
-
-/// The services page (admin only): each service, its state, and its
-/// opted-out counts per channel. Policies will show here once they exist.
-pub fn services(staff: &Staff, channels: &[String], pairs: &[PairCount]) -> String {
-    let mut b = String::from("<h1>Services</h1><h2 id=\"services\">Registered services</h2>");
-    counts_table(&mut b, "services", channels, pairs);
-    document("Services", Some(staff), &b)
 }
