@@ -67,6 +67,7 @@ pub fn render(days: &[Day]) -> String {
     let _ = write!(
         b,
         "<h2 id=\"per-day\">Changes per day, last {DAYS} days</h2>\
+         <p>Red bars: opt-outs; green bars: opt-ins. The table gives the same figures.</p><div class=\"pair\">\
          <svg role=\"img\" aria-labelledby=\"chart-title\" viewBox=\"0 0 {w} {}\" width=\"{w}\" height=\"{}\" \
          xmlns=\"http://www.w3.org/2000/svg\"><title id=\"chart-title\">Opt-outs (red) and opt-ins (green) per day: \
          {outs} opt-outs and {ins} opt-ins in {DAYS} days, at most {max} on one day</title>\
@@ -112,6 +113,6 @@ pub fn render(days: &[Day]) -> String {
             d.date, d.opt_outs, d.opt_ins
         );
     }
-    b.push_str("</tbody></table>");
+    b.push_str("</tbody></table></div>");
     b
 }

@@ -29,7 +29,8 @@ label{display:block;margin:.5rem 0 .2rem;font-weight:600}input,select{font:inher
 button{font:inherit;font-weight:600;padding:.45rem 1rem;border-radius:5px;border:2px solid #0b3d91;background:#0b3d91;color:#fff;cursor:pointer}\
 header button{background:#fff;color:#0b3d91}a:focus,button:focus,input:focus,select:focus{outline:3px solid #ffbf47;outline-offset:2px}\
 .error{border:2px solid #8a1c1c;padding:.5rem 1rem;background:#fff4f4}.skip{position:absolute;left:-999px}.skip:focus{left:1rem;top:1rem;background:#fff;color:#000;padding:.5rem}\
-fieldset{border:1px solid #767676;border-radius:6px;padding:.5rem 1rem}";
+fieldset{border:1px solid #767676;border-radius:6px;padding:.5rem 1rem}\
+.pair{display:flex;flex-wrap:wrap;gap:2rem;align-items:flex-start}.pair table{width:auto}";
 
 /// The console's Content-Security-Policy: this stylesheet only, forms to
 /// the same origin, no script, no framing.
