@@ -37,8 +37,9 @@ struct Inner {
     limiter: RateLimiter,
     /// In cluster mode, what the PostgreSQL follower knows.
     cluster: Option<Arc<ClusterStatus>>,
-    /// The support console's sessions (in memory: a restart signs out).
-    console: crate::console::Sessions,
+    /// The support console's sessions and tallies (in memory: a restart
+    /// signs everyone out).
+    console: crate::console::Console,
 }
 
 /// The token keys to use: the configured ones, or the embedded default — a
@@ -113,7 +114,7 @@ impl App {
             metrics.clone(),
         );
         let keys = Keys::new(&config.keys);
-        let console = crate::console::Sessions::new(config.console_idle, config.console_absolute);
+        let console = crate::console::Console::new(config.console_idle, config.console_absolute);
         let cluster = match &config.postgres {
             None => None,
             Some(url) => {
@@ -186,8 +187,8 @@ impl App {
         &self.inner.limiter
     }
 
-    /// The support console's sessions.
-    pub fn console(&self) -> &crate::console::Sessions {
+    /// The support console's state.
+    pub fn console(&self) -> &crate::console::Console {
         &self.inner.console
     }
 

@@ -19,6 +19,9 @@ use crate::store::{Store, StoreError};
 pub const PAGE: usize = 100;
 /// Most rows in one CSV export.
 pub const MAX_EXPORT: usize = 1_000_000;
+/// Most log entries one page reads: a filter that matches rarely stops
+/// there and offers to continue, so no page reads the whole log.
+pub const SCAN_BUDGET: usize = 200_000;
 const DAY_MICROS: i64 = 86_400_000_000;
 
 /// The filters, as query parameters.
@@ -140,40 +143,63 @@ pub fn seq_before(store: &Store, at: Micros, last: u64) -> Result<u64, StoreErro
     Ok(lo - 1)
 }
 
+/// What a scan found.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// The matching entries, in sequence order.
+    pub rows: Vec<(u64, PreferenceChange)>,
+    /// Where the next page starts (`after=`), when the log may hold more
+    /// matches: after the last row when the page is full, or after the
+    /// last entry read when the budget ran out first.
+    pub resume_after: Option<u64>,
+}
+
 /// Up to `limit` matching entries after `filter.after` (and after the
-/// `from` day's start), plus whether the log holds more beyond them.
+/// `from` day's start), reading at most `budget` entries.
 pub fn scan(
     store: &Store,
     filter: &Filter,
     last: u64,
     limit: usize,
-) -> Result<(Vec<(u64, PreferenceChange)>, bool), StoreError> {
+    budget: usize,
+) -> Result<Scanned, StoreError> {
     let mut after = filter.after;
     if let Some(from) = filter.from_micros {
         after = after.max(seq_before(store, Micros(from), last)?);
     }
-    let mut out = Vec::new();
+    let mut found = Scanned::default();
+    let mut read = 0usize;
     loop {
-        let chunk = store.events_after(after, 4096)?;
-        let Some((tail, _)) = chunk.last() else { return Ok((out, false)) };
-        after = *tail;
+        if read >= budget {
+            found.resume_after = Some(after);
+            return Ok(found);
+        }
+        let chunk = store.events_after(after, 4096.min(budget - read))?;
+        if chunk.is_empty() {
+            return Ok(found);
+        }
+        read += chunk.len();
         for (seq, e) in chunk {
-            let Event::Preference(c) = e else { continue };
-            if filter.to_micros.is_some_and(|t| c.at.0 >= t) {
-                return Ok((out, false));
-            }
-            if filter.matches(&c) {
-                if out.len() == limit {
-                    return Ok((out, true));
+            if let Event::Preference(c) = e {
+                if filter.to_micros.is_some_and(|t| c.at.0 >= t) {
+                    return Ok(found);
                 }
-                out.push((seq, c));
+                if filter.matches(&c) {
+                    if found.rows.len() == limit {
+                        found.resume_after = found.rows.last().map(|(s, _)| *s);
+                        return Ok(found);
+                    }
+                    found.rows.push((seq, c));
+                }
             }
+            after = seq;
         }
     }
 }
 
 /// The audit page's body.
-pub fn render(filter: &Filter, rows: &[(u64, PreferenceChange)], more: bool) -> String {
+pub fn render(filter: &Filter, found: &Scanned) -> String {
+    let rows = &found.rows;
     let mut b = String::from(
         "<h1>Audit log</h1><form method=\"get\" action=\"/console/audit\"><fieldset><legend>Filters</legend>",
     );
@@ -223,9 +249,12 @@ pub fn render(filter: &Filter, rows: &[(u64, PreferenceChange)], more: bool) -> 
         );
     }
     b.push_str("</tbody></table>");
-    if more && let Some((last, _)) = rows.last() {
+    if let Some(resume) = found.resume_after {
+        if rows.len() < PAGE {
+            let _ = write!(b, "<p>Searched up to entry #{resume}; later entries may match too.</p>");
+        }
         let _ =
-            write!(b, "<p><a href=\"/console/audit?{}\">Next page</a></p>", esc(&filter.query(Some(*last))));
+            write!(b, "<p><a href=\"/console/audit?{}\">Next page</a></p>", esc(&filter.query(Some(resume))));
     }
     b
 }
@@ -270,6 +299,50 @@ pub fn csv(rows: &[(u64, PreferenceChange)]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn change(customer: u64, source: &str) -> Event {
+        Event::Preference(PreferenceChange {
+            customer: crate::domain::CustomerId(customer),
+            scope: crate::domain::Scope::parse("*", "*").unwrap(),
+            before: None,
+            after: Status::OptedOut,
+            reason: None,
+            origin: crate::domain::Origin {
+                source: source.into(),
+                actor: "a".into(),
+                client_addr: None,
+                user_agent: None,
+            },
+            at: Micros::now(),
+        })
+    }
+
+    #[test]
+    fn a_rare_filter_stops_at_the_budget_and_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut batch = store.begin().unwrap();
+        {
+            let mut t = batch.tables().unwrap();
+            for i in 0..50 {
+                t.append(&change(i, if i % 10 == 9 { "rare" } else { "api" })).unwrap();
+            }
+        }
+        batch.commit().unwrap();
+        let filter = Filter::parse("source=rare").unwrap();
+        // A budget of 12 reads entries 1..=12 and finds #10.
+        let first = scan(&store, &filter, 50, 100, 12).unwrap();
+        assert_eq!(first.rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [10]);
+        assert_eq!(first.resume_after, Some(12));
+        let mut next = filter.clone();
+        next.after = 12;
+        let second = scan(&store, &next, 50, 100, 1000).unwrap();
+        assert_eq!(second.rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [20, 30, 40, 50]);
+        assert_eq!(second.resume_after, None, "the end of the log");
+        // A full page resumes after its last row.
+        let page = scan(&store, &Filter::default(), 50, 7, 1000).unwrap();
+        assert_eq!((page.rows.len(), page.resume_after), (7, Some(7)));
+    }
 
     #[test]
     fn filters_parse_and_round_trip() {

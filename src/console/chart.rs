@@ -3,6 +3,7 @@
 //! chart with the same figures in a table beside it (the table is what a
 //! screen reader reads; the chart is marked as an image with a summary).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::audit::seq_before;
@@ -24,38 +25,54 @@ pub struct Day {
     pub opt_ins: u64,
 }
 
-/// The last [`DAYS`] UTC days up to and including `now`'s, oldest first.
-pub fn per_day(store: &Store, now: Micros, last: u64) -> Result<Vec<Day>, StoreError> {
-    let today = now.0.div_euclid(DAY_MICROS);
-    let first = today - DAYS as i64 + 1;
-    let mut outs = [0u64; DAYS];
-    let mut ins = [0u64; DAYS];
-    let mut after = seq_before(store, Micros(first * DAY_MICROS), last)?;
-    loop {
-        let chunk = store.events_after(after, 4096)?;
-        let Some((tail, _)) = chunk.last() else { break };
-        after = *tail;
-        for (_, e) in chunk {
-            let Event::Preference(c) = e else { continue };
-            let day = c.at.0.div_euclid(DAY_MICROS) - first;
-            if (0..DAYS as i64).contains(&day) {
-                match c.after {
-                    Status::OptedOut => outs[day as usize] += 1,
-                    Status::OptedIn => ins[day as usize] += 1,
+/// Opt-outs and opt-ins per UTC day, kept between requests, so each
+/// overview reads only the audit entries appended since the last one (the
+/// first reads the whole 90 days). Entries are appended in time order and
+/// never change their status or date, so counts once made stay right.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Entries up to this sequence number are counted.
+    counted_to: u64,
+    /// Day (days since the epoch) → (opt-outs, opt-ins).
+    days: BTreeMap<i64, (u64, u64)>,
+}
+
+impl Tally {
+    /// Counts the entries appended since the last call and returns the last
+    /// [`DAYS`] UTC days up to and including `now`'s, oldest first.
+    pub fn update(&mut self, store: &Store, now: Micros, last: u64) -> Result<Vec<Day>, StoreError> {
+        let today = now.0.div_euclid(DAY_MICROS);
+        let first = today - DAYS as i64 + 1;
+        let mut after = self.counted_to.max(seq_before(store, Micros(first * DAY_MICROS), last)?);
+        loop {
+            let chunk = store.events_after(after, 4096)?;
+            let Some((tail, _)) = chunk.last() else { break };
+            after = *tail;
+            for (_, e) in chunk {
+                let Event::Preference(c) = e else { continue };
+                let day = c.at.0.div_euclid(DAY_MICROS);
+                if day >= first {
+                    let counts = self.days.entry(day).or_default();
+                    match c.after {
+                        Status::OptedOut => counts.0 += 1,
+                        Status::OptedIn => counts.1 += 1,
+                    }
                 }
             }
         }
+        self.counted_to = after;
+        self.days.retain(|d, _| *d >= first);
+        Ok((first..=today)
+            .map(|day| {
+                let date = jiff::Timestamp::from_microsecond(day * DAY_MICROS).map_or_else(
+                    |_| "invalid".to_owned(),
+                    |t| t.to_zoned_datetime(jiff::tz::TimeZone::UTC).date().to_string(),
+                );
+                let (opt_outs, opt_ins) = self.days.get(&day).copied().unwrap_or_default();
+                Day { date, opt_outs, opt_ins }
+            })
+            .collect())
     }
-    Ok((0..DAYS)
-        .map(|i| {
-            let micros = (first + i as i64) * DAY_MICROS;
-            let date = jiff::Timestamp::from_microsecond(micros).map_or_else(
-                |_| "invalid".to_owned(),
-                |t| t.to_zoned_datetime(jiff::tz::TimeZone::UTC).date().to_string(),
-            );
-            Day { date, opt_outs: outs[i], opt_ins: ins[i] }
-        })
-        .collect())
 }
 
 /// The chart and its table.

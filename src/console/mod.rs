@@ -35,6 +35,26 @@ pub mod session;
 
 pub use session::Sessions;
 
+/// The console's state in a running sidecar: open sessions and the
+/// overview's running per-day tally. In memory only.
+#[derive(Debug)]
+pub struct Console {
+    sessions: Sessions,
+    tally: std::sync::Mutex<chart::Tally>,
+}
+
+impl Console {
+    /// Sessions ending after `idle` unused or `absolute` after sign-in.
+    pub fn new(idle: std::time::Duration, absolute: std::time::Duration) -> Console {
+        Console { sessions: Sessions::new(idle, absolute), tally: Default::default() }
+    }
+
+    /// The open sessions.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+}
+
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -126,7 +146,7 @@ fn cookie<B>(req: &Incoming<B>) -> Option<String> {
 
 fn session<B>(app: &App, req: &Incoming<B>) -> Option<(String, Staff)> {
     let id = cookie(req)?;
-    let staff = app.console().get(&id, Instant::now())?;
+    let staff = app.console().sessions().get(&id, Instant::now())?;
     Some((id, staff))
 }
 
@@ -179,10 +199,11 @@ where
     }
     let header = format!("Bearer {key}");
     match app.keys().authorize(Some(header.as_bytes()), Role::Support) {
-        Ok(caller) => match app.console().open(&caller.name, caller.role, Instant::now()) {
+        Ok(caller) => match app.console().sessions().open(&caller.name, caller.role, Instant::now()) {
             Ok(id) => {
                 let mut reply = redirect("/console/");
-                let cookie = html::session_cookie(&id, app.console().absolute().as_secs(), secure(app));
+                let cookie =
+                    html::session_cookie(&id, app.console().sessions().absolute().as_secs(), secure(app));
                 if let Ok(v) = HeaderValue::from_str(&cookie) {
                     reply.headers_mut().insert(header::SET_COOKIE, v);
                 }
@@ -225,7 +246,7 @@ where
     if let Some(refused) = csrf_refusal(staff, &fields) {
         return Ok(refused);
     }
-    app.console().close(id);
+    app.console().sessions().close(id);
     let mut reply = redirect("/console/sign-in");
     if let Ok(v) = HeaderValue::from_str(&html::cleared_cookie(secure(app))) {
         reply.headers_mut().insert(header::SET_COOKIE, v);
@@ -381,8 +402,12 @@ fn last_seq(app: &App) -> u64 {
 
 async fn overview(app: &App, staff: &Staff) -> Result<Reply, ApiError> {
     let pairs = pair_counts(app, &services_list(app).await?);
-    let (store, last) = (app.store().clone(), last_seq(app));
-    let days = blocking(move || Ok(chart::per_day(&store, crate::domain::Micros::now(), last)?)).await?;
+    let (handle, last) = (app.clone(), last_seq(app));
+    let days = blocking(move || {
+        let mut tally = handle.console().tally.lock().expect("tally lock");
+        Ok(tally.update(handle.store(), crate::domain::Micros::now(), last)?)
+    })
+    .await?;
     let body = pages::overview(staff, &channel_names(app), &pairs, &chart::render(&days));
     Ok(page(StatusCode::OK, body))
 }
@@ -478,11 +503,13 @@ async fn audit_page<B>(app: &App, req: &Incoming<B>, staff: &Staff, csv: bool) -
         Err(e) => return Ok(message(e.status, Some(staff), "Audit log", &e.message)),
     };
     let (store, last) = (app.store().clone(), last_seq(app));
-    let limit = if csv { audit::MAX_EXPORT } else { audit::PAGE };
+    // The export reads the whole filtered log; a page reads a bounded part.
+    let (limit, budget) =
+        if csv { (audit::MAX_EXPORT, usize::MAX) } else { (audit::PAGE, audit::SCAN_BUDGET) };
     let scan_filter = filter.clone();
-    let (rows, more) = blocking(move || Ok(audit::scan(&store, &scan_filter, last, limit)?)).await?;
+    let found = blocking(move || Ok(audit::scan(&store, &scan_filter, last, limit, budget)?)).await?;
     if csv {
-        return Ok(html::download("text/csv; charset=utf-8", "audit.csv", audit::csv(&rows)));
+        return Ok(html::download("text/csv; charset=utf-8", "audit.csv", audit::csv(&found.rows)));
     }
-    Ok(page(StatusCode::OK, html::document("Audit log", Some(staff), &audit::render(&filter, &rows, more))))
+    Ok(page(StatusCode::OK, html::document("Audit log", Some(staff), &audit::render(&filter, &found))))
 }
