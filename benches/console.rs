@@ -113,6 +113,8 @@ fn bench_console(c: &mut Criterion) {
         ("customer_page", "/console/customers/42"),
         ("services_page", "/console/services"),
         ("overview", "/console/"),
+        ("audit_rare_filter", "/console/audit?actor=nobody"),
+        ("audit_first_page", "/console/audit"),
     ] {
         let first = Instant::now();
         let bytes = get(&rt, &app, path, &cookie);
