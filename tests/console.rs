@@ -261,6 +261,15 @@ fn support_finds_reads_changes_with_a_reason_and_signs_out() {
     assert_eq!(lines.len(), 3, "{}", csv_export.body);
     assert!(lines[2].contains("dana") && lines[2].contains("called in"));
 
+    // Signing in again replaces the browser's earlier session.
+    let earlier = b.cookie.clone().unwrap();
+    assert_eq!(b.sign_in(SUPPORT).status, 303);
+    assert_ne!(b.cookie.as_deref(), Some(earlier.as_str()));
+    let mut stale = Browser::new(&app);
+    stale.cookie = Some(earlier);
+    assert_eq!(stale.get("/console/").location(), Some("/console/sign-in"));
+    let old_cookie = b.cookie.clone().unwrap();
+
     // Sign out: the old cookie no longer works.
     let csrf = b.get("/console/").csrf();
     let p = b.post("/console/sign-out", &[("csrf", &csrf)]);
@@ -283,6 +292,7 @@ fn roles_wrong_keys_and_the_sign_in_rate_limit() {
     // Support: no service management, not even its link.
     let mut support = Browser::new(&app);
     assert_eq!(support.sign_in(SUPPORT).status, 303);
+    assert_eq!(app.app.console().sessions().len(), 1);
     let overview = support.get("/console/");
     assert!(!overview.body.contains("/console/services"));
     assert_eq!(support.get("/console/services").status, 403);
@@ -677,4 +687,29 @@ fn admins_manage_services_in_the_console_and_support_cannot() {
     let list = call(&admin_api, "GET", "/v1/services", None);
     assert_eq!(list["services"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(call(&admin_api, "GET", "/v1/services/rating", None)["archived"], false);
+}
+
+#[test]
+fn a_long_timeline_shows_the_newest_thousand_and_the_export_holds_all() {
+    let app = util::spawn_with(staff_keys);
+    let admin = api(&app, ADMIN);
+    call(&admin, "POST", "/v1/services", Some(json!({"slug": "rating"})));
+    let items: Vec<Value> = (0..1005)
+        .map(|i| {
+            let status = if i % 2 == 0 { "opted_out" } else { "opted_in" };
+            json!({"customer": 77, "service": "rating", "channel": "email", "status": status, "reason": format!("r{i}")})
+        })
+        .collect();
+    assert_eq!(
+        call(&admin, "POST", "/v1/preferences/import", Some(json!({"items": items})))["accepted"],
+        1005
+    );
+    let mut b = Browser::new(&app);
+    b.sign_in(SUPPORT);
+    let page = b.get("/console/customers/77");
+    let timeline = &page.body[page.body.find("id=\"timeline\"").unwrap()..];
+    assert_eq!(timeline.matches("<tr><td>").count(), 1000);
+    assert!(page.body.contains("Showing the newest 1000 of 1005 changes"));
+    assert!(page.newest_timeline_row().contains("r1004"));
+    assert_eq!(b.get("/console/customers/77/export.csv").body.lines().count(), 1006);
 }

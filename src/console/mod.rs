@@ -181,7 +181,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    if let Err(wait) = app.limiter().check(client_addr(app, &req), Instant::now()) {
+    let addr = client_addr(app, &req);
+    // A sign-in replaces the browser's earlier session, if any.
+    let earlier = cookie(&req);
+    if let Err(wait) = app.limiter().check(addr, Instant::now()) {
         let wait = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         let text = "Too many sign-in attempts from your address. Wait a minute and try again.";
         let mut reply = page(StatusCode::TOO_MANY_REQUESTS, pages::sign_in(Some(text)));
@@ -201,6 +204,9 @@ where
     match app.keys().authorize(Some(header.as_bytes()), Role::Support) {
         Ok(caller) => match app.console().sessions().open(&caller.name, caller.role, Instant::now()) {
             Ok(id) => {
+                if let Some(earlier) = earlier {
+                    app.console().sessions().close(&earlier);
+                }
                 let mut reply = redirect("/console/");
                 let cookie =
                     html::session_cookie(&id, app.console().sessions().absolute().as_secs(), secure(app));
@@ -212,11 +218,17 @@ where
             }
             Err(e) => page(StatusCode::SERVICE_UNAVAILABLE, pages::sign_in(Some(&e))),
         },
-        Err(Denied::Forbidden) => page(
-            StatusCode::FORBIDDEN,
-            pages::sign_in(Some("This key cannot sign in: only support and admin keys may use the console.")),
-        ),
+        Err(Denied::Forbidden) => {
+            tracing::warn!(client = %addr, "console sign-in refused: a sender key");
+            page(
+                StatusCode::FORBIDDEN,
+                pages::sign_in(Some(
+                    "This key cannot sign in: only support and admin keys may use the console.",
+                )),
+            )
+        }
         Err(Denied::Unauthenticated) => {
+            tracing::warn!(client = %addr, "console sign-in refused: not a configured key");
             page(StatusCode::UNAUTHORIZED, pages::sign_in(Some("That key is not a configured key.")))
         }
     }

@@ -9,6 +9,9 @@ use super::html::{document, esc};
 use super::session::Staff;
 use crate::domain::Status;
 
+/// Most timeline rows on the customer page; the exports hold them all.
+pub const MAX_TIMELINE: usize = 1000;
+
 /// The sign-in form (field `key`), with an optional refusal.
 pub fn sign_in(error: Option<&str>) -> String {
     let mut body = String::from("<h1>Sign in to the support console</h1>");
@@ -148,7 +151,7 @@ pub fn customer(staff: &Staff, view: &CustomerView, channels: &[String], notice:
     if view.timeline.is_empty() {
         b.push_str("<tr><td colspan=\"9\">No changes recorded for this customer.</td></tr>");
     }
-    for e in &view.timeline {
+    for e in view.timeline.iter().take(MAX_TIMELINE) {
         let _ = write!(
             b,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} → {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -165,6 +168,14 @@ pub fn customer(staff: &Staff, view: &CustomerView, channels: &[String], notice:
         );
     }
     b.push_str("</tbody></table>");
+    if view.timeline.len() > MAX_TIMELINE {
+        let _ = write!(
+            b,
+            "<p>Showing the newest {MAX_TIMELINE} of {} changes; the \
+             <a href=\"/console/customers/{c}/export.csv\">CSV export</a> holds every one.</p>",
+            view.timeline.len()
+        );
+    }
     document(&format!("Customer {c}"), Some(staff), &b)
 }
 
