@@ -143,6 +143,7 @@ fn assert_protected(p: &Page) {
     assert_eq!(p.header("cache-control"), Some("no-store"));
     assert_eq!(p.header("x-frame-options"), Some("DENY"));
     assert_eq!(p.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(p.header("referrer-policy"), Some("same-origin"));
     assert!(!p.body.contains("<script"), "no script on any page");
 }
 
@@ -350,11 +351,36 @@ fn forms_without_the_sessions_csrf_token_change_nothing() {
     }
     assert_eq!(audit_len(&app), 0);
     assert_eq!(b.get("/console/customers/5").status, 200, "the session still works");
+
+    // A form sent from another site is refused, even with the right token,
+    // and so is a sign-in (login CSRF); the page's own origin passes.
+    let token = b.get("/console/").csrf();
+    let cookie = b.cookie.clone().unwrap();
+    let post = |path: &str, origin: &str, fields: &[(&str, &str)]| {
+        b.agent
+            .post(format!("{}{path}", b.base))
+            .header("origin", origin)
+            .header("cookie", format!("prefsd_console={cookie}"))
+            .send_form(fields.iter().copied())
+            .unwrap()
+    };
+    let fields = change(Some(&token));
+    let evil = post("/console/customers/5", "https://evil.example", &fields);
+    assert_eq!(evil.status(), 403);
+    for origin in ["https://evil.example", "null"] {
+        let evil = post("/console/sign-in", origin, &[("key", SUPPORT)]);
+        assert_eq!(evil.status(), 403, "{origin}");
+        assert!(evil.headers().get("set-cookie").is_none());
+    }
+    assert_eq!(audit_len(&app), 0);
+    let own = b.base.clone();
+    assert_eq!(post("/console/customers/5", &own, &fields).status(), 303, "the console's own origin");
+    assert_eq!(audit_len(&app), 1);
     // Without a session, a POST goes to sign-in and changes nothing either.
     let mut stranger = Browser::new(&app);
     let p = stranger.post("/console/customers/5", &change(Some(&others_token)));
     assert_eq!((p.status, p.location()), (303, Some("/console/sign-in")));
-    assert_eq!(audit_len(&app), 0);
+    assert_eq!(audit_len(&app), 1, "only the one accepted change");
 }
 
 #[test]

@@ -82,7 +82,11 @@ pub fn document(title: &str, staff: Option<&Staff>, body: &str) -> String {
 pub fn protect(reply: &mut Reply) {
     let h = reply.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // Not `no-referrer` as on the recipient page: with it, browsers send
+    // `Origin: null` on the console's own form posts, and the origin check
+    // (which refuses `null`, what any hostile page can also send) would
+    // refuse them. `same-origin` still sends nothing to other sites.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert("x-robots-tag", HeaderValue::from_static("noindex, nofollow"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));

@@ -87,6 +87,14 @@ where
     let method = req.parts.method.clone();
     let get = method == Method::GET || method == Method::HEAD;
     let post = method == Method::POST;
+    if post && !same_origin(app, &req) {
+        return message(
+            StatusCode::FORBIDDEN,
+            None,
+            "Form refused",
+            "This form was sent from another site, so nothing was done.",
+        );
+    }
     match rest.as_slice() {
         [] => return redirect("/console/"),
         ["sign-in"] if get => return page(StatusCode::OK, pages::sign_in(None)),
@@ -129,6 +137,25 @@ where
 
 fn not_allowed(staff: Option<&Staff>) -> Reply {
     message(StatusCode::METHOD_NOT_ALLOWED, staff, "Not allowed", "This page does not accept that method.")
+}
+
+/// Whether a POST comes from the console's own pages: browsers name the
+/// page's origin in `Origin`, which must then be this host (as the request
+/// or `public_url` names it); `Origin: null`, which any page can make a
+/// browser send, is refused. Without the header (older browsers, scripts)
+/// the session cookie's SameSite=Strict and the CSRF token still hold; this
+/// check also covers the sign-in form, which has no session yet.
+fn same_origin<B>(app: &App, req: &Incoming<B>) -> bool {
+    let Some(origin) = req.parts.headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host_of = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        rest.split('/').next().unwrap_or("").to_ascii_lowercase()
+    };
+    let origin = host_of(origin);
+    let host = req.parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
+    host.is_some_and(|h| h == origin) || host_of(&app.config().public_url) == origin
 }
 
 /// The session id from the request's cookie.
