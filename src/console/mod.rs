@@ -12,7 +12,7 @@
 //!
 //! | route | what |
 //! | --- | --- |
-//! | `GET /console/` | overview: opted-out customers per pair |
+//! | `GET /console/` | overview: opted-out customers per pair; opt-outs and opt-ins per day over 90 days ([`chart`]) |
 //! | `GET/POST /console/sign-in` | the sign-in form (field `key`) |
 //! | `POST /console/sign-out` | ends the session |
 //! | `GET /console/customers?q=…` | find a customer |
@@ -35,6 +35,24 @@ pub mod session;
 
 pub use session::Sessions;
 
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::Body;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, StatusCode};
+
+use crate::app::App;
+use crate::auth::{Denied, Role};
+use crate::domain::{CustomerId, Origin, Status, check_reason};
+use crate::error::ApiError;
+use crate::http::unsubscribe::client_addr;
+use crate::http::{Incoming, Reply, blocking, query_param, segment};
+use crate::writer::Op;
+use customer::CustomerView;
+use html::{message, page, redirect};
+use session::Staff;
+
 /// The console's state in a running sidecar: open sessions and the
 /// overview's running per-day tally. In memory only.
 #[derive(Debug)]
@@ -54,24 +72,6 @@ impl Console {
         &self.sessions
     }
 }
-
-use std::time::Instant;
-
-use bytes::Bytes;
-use hyper::body::Body;
-use hyper::header::{self, HeaderValue};
-use hyper::{Method, StatusCode};
-
-use crate::app::App;
-use crate::auth::{Denied, Role};
-use crate::domain::{CustomerId, Origin, Status, check_reason};
-use crate::error::ApiError;
-use crate::http::unsubscribe::client_addr;
-use crate::http::{Incoming, Reply, blocking, query_param, segment};
-use crate::writer::Op;
-use customer::CustomerView;
-use html::{message, page, redirect};
-use session::Staff;
 
 /// Longest user agent kept in the audit log.
 const MAX_USER_AGENT: usize = 256;
