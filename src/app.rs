@@ -37,6 +37,9 @@ struct Inner {
     limiter: RateLimiter,
     /// In cluster mode, what the PostgreSQL follower knows.
     cluster: Option<Arc<ClusterStatus>>,
+    /// The support console's sessions and tallies (in memory: a restart
+    /// signs everyone out).
+    console: crate::console::Console,
 }
 
 /// The token keys to use: the configured ones, or the embedded default — a
@@ -118,6 +121,7 @@ impl App {
             metrics.clone(),
         );
         let keys = Keys::new(&config.keys);
+        let console = crate::console::Console::new(config.console_idle, config.console_absolute);
         let cluster = match &config.postgres {
             None => None,
             Some(url) => {
@@ -154,6 +158,7 @@ impl App {
                 tokens,
                 limiter,
                 cluster,
+                console,
             }),
         })
     }
@@ -191,6 +196,11 @@ impl App {
     /// The recipient routes' rate limiter.
     pub fn limiter(&self) -> &RateLimiter {
         &self.inner.limiter
+    }
+
+    /// The support console's state.
+    pub fn console(&self) -> &crate::console::Console {
+        &self.inner.console
     }
 
     /// The metrics.

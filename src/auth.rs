@@ -10,20 +10,26 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-/// What a key may do.
+/// What a key may do. Roles are ordered: each may do what the ones before
+/// it may, so a route names the least role it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
-    /// Check, filter and issue tokens.
+    /// Check, filter and issue tokens; read services and channels.
     Sender,
+    /// Staff: also read customers, change their preferences (with a reason,
+    /// see [`require_reason`]) and read the audit log. No service
+    /// management, no keys.
+    Support,
     /// Everything.
     Admin,
 }
 
 impl Role {
-    /// Parses `sender` or `admin`.
+    /// Parses `sender`, `support` or `admin`.
     pub fn parse(s: &str) -> Option<Role> {
         match s {
             "sender" => Some(Role::Sender),
+            "support" => Some(Role::Support),
             "admin" => Some(Role::Admin),
             _ => None,
         }
@@ -34,6 +40,7 @@ impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Role::Sender => "sender",
+            Role::Support => "support",
             Role::Admin => "admin",
         })
     }
@@ -86,6 +93,20 @@ pub struct Caller {
     pub name: String,
     /// Its role.
     pub role: Role,
+}
+
+/// Support staff change a customer's preferences on someone's behalf, so
+/// the audit log must say why: a support caller's change without a reason
+/// is refused with 400 `reason_required`. Admins and automation keep the
+/// reason optional.
+pub fn require_reason(caller: &Caller, reason: Option<&str>) -> Result<(), crate::error::ApiError> {
+    if caller.role == Role::Support && reason.is_none_or(|r| r.trim().is_empty()) {
+        return Err(crate::error::ApiError::bad_request(
+            "reason_required",
+            "a support key must give a reason for every preference change: send a non-empty \"reason\"",
+        ));
+    }
+    Ok(())
 }
 
 /// Why a request was not let in.
@@ -153,6 +174,27 @@ mod tests {
         assert_eq!(keys.authorize(Some(b"Bearer nope"), Role::Sender), Err(Denied::Unauthenticated));
         assert_eq!(keys.authorize(Some(b"s3cret-admin"), Role::Sender), Err(Denied::Unauthenticated));
         assert_eq!(keys.authorize(None, Role::Sender), Err(Denied::Unauthenticated));
+    }
+
+    #[test]
+    fn support_sits_between_sender_and_admin() {
+        let keys = Keys::new(&[ApiKey {
+            name: "dana".into(),
+            role: Role::Support,
+            hash: parse_hash(&hash_key("s3cret-support")).unwrap(),
+        }]);
+        let key = Some(&b"Bearer s3cret-support"[..]);
+        assert_eq!(keys.authorize(key, Role::Sender).unwrap().name, "dana");
+        assert_eq!(keys.authorize(key, Role::Support).unwrap().role, Role::Support);
+        assert_eq!(keys.authorize(key, Role::Admin), Err(Denied::Forbidden));
+        assert_eq!(Role::parse("support"), Some(Role::Support));
+        assert_eq!(Role::Support.to_string(), "support");
+        let dana = Caller { name: "dana".into(), role: Role::Support };
+        let ops = Caller { name: "ops".into(), role: Role::Admin };
+        assert_eq!(require_reason(&dana, None).unwrap_err().code, "reason_required");
+        assert_eq!(require_reason(&dana, Some("  ")).unwrap_err().status, 400);
+        assert!(require_reason(&dana, Some("called in")).is_ok());
+        assert!(require_reason(&ops, None).is_ok());
     }
 
     #[test]

@@ -102,6 +102,12 @@ pub struct ServeArgs {
     /// Most open connections per listener; more are closed at once [default: 4096].
     #[arg(long, env = "PREFSD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Minutes a support console session may sit unused before it ends [default: 30].
+    #[arg(long, env = "PREFSD_CONSOLE_IDLE_MINUTES")]
+    pub console_idle_minutes: Option<u64>,
+    /// Hours a support console session lasts at most, however busy [default: 12].
+    #[arg(long, env = "PREFSD_CONSOLE_ABSOLUTE_HOURS")]
+    pub console_absolute_hours: Option<u64>,
 }
 
 /// The TOML file: every key optional, same names as the flags with `_`.
@@ -136,6 +142,8 @@ pub struct FileConfig {
     header_read_timeout_secs: Option<u64>,
     idle_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
+    console_idle_minutes: Option<u64>,
+    console_absolute_hours: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,6 +229,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Open connections per listener, at most.
     pub max_connections: usize,
+    /// A console session ends after this long unused.
+    pub console_idle: Duration,
+    /// A console session ends this long after sign-in, however busy.
+    pub console_absolute: Duration,
 }
 
 /// An address range, `10.0.0.0/8` or a single address.
@@ -353,7 +365,7 @@ impl Config {
             match (role_ok, hash_ok) {
                 _ if name.is_empty() => errors.push("an API key has an empty name".into()),
                 (None, _) => {
-                    errors.push(format!("API key {name}: role {role:?} is neither sender nor admin"))
+                    errors.push(format!("API key {name}: role {role:?} is not sender, support or admin"))
                 }
                 (_, None) => errors.push(format!(
                     "API key {name}: sha256 must be 64 hex digits (make one with `prefsd key generate`)"
@@ -497,6 +509,12 @@ impl Config {
         let follower_unhealthy = Duration::from_secs(
             args.follower_unhealthy_secs.or(file.follower_unhealthy_secs).unwrap_or(60).max(1),
         );
+        let console_idle_minutes = args.console_idle_minutes.or(file.console_idle_minutes).unwrap_or(30);
+        let console_absolute_hours =
+            args.console_absolute_hours.or(file.console_absolute_hours).unwrap_or(12);
+        if console_idle_minutes == 0 || console_absolute_hours == 0 {
+            errors.push("console_idle_minutes and console_absolute_hours must be positive".into());
+        }
         if !errors.is_empty() {
             return Err(errors.join("\n"));
         }
@@ -528,6 +546,8 @@ impl Config {
             header_read_timeout: Duration::from_secs(header_read_timeout_secs),
             idle_timeout: Duration::from_secs(idle_timeout_secs),
             max_connections,
+            console_idle: Duration::from_secs(console_idle_minutes.saturating_mul(60)),
+            console_absolute: Duration::from_secs(console_absolute_hours.saturating_mul(3600)),
         })
     }
 }

@@ -16,6 +16,7 @@
 //! - [`app`]: the shared state handle.
 //! - [`http`]: routes, handlers and the error contract ([`error`]).
 //! - [`auth`]: API keys and roles.
+//! - [`console`]: the support console's pages, sessions and CSRF tokens.
 //! - [`config`]: flags, environment and file, validated into [`config::Config`].
 //! - [`metrics`]: the Prometheus registry.
 //! - [`server`]: accept loops, graceful shutdown, and per-connection limits
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod error;
 pub mod http;

@@ -132,7 +132,7 @@ enum KeyCmd {
         /// The key's name.
         #[arg(long, default_value = "sender")]
         name: String,
-        /// sender or admin.
+        /// sender, support (staff: customers, reasons, audit) or admin.
         #[arg(long, default_value = "sender")]
         role: String,
     },
@@ -302,6 +302,9 @@ fn run_client(client: &Client, command: Command) -> Result<ExitCode, String> {
             return import_file(client, &file, format.as_deref(), chunk);
         }
         Command::Key(KeyCmd::Generate { name, role }) => {
+            if prefsd::auth::Role::parse(&role).is_none() {
+                return Err(format!("role {role:?} is not sender, support or admin"));
+            }
             let mut bytes = [0u8; 32];
             getrandom::fill(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
             use base64::Engine;

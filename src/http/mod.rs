@@ -7,12 +7,14 @@
 //! | route | role | module |
 //! | --- | --- | --- |
 //! | `GET/POST /v1/check`, `POST /v1/filter` | sender | [`check`] |
-//! | `GET /v1/customers/C/preferences`, `PUT …/preferences/S/H`, `GET …/audit`, `GET /v1/audit`, `POST /v1/preferences/import` | admin | [`preferences`] |
+//! | `GET /v1/customers/C/preferences`, `PUT …/preferences/S/H` (support: reason required), `GET …/audit`, `GET /v1/audit` | support | [`preferences`] |
+//! | `POST /v1/preferences/import` | admin | [`preferences`] |
 //! | `GET /v1/services[/S]`, `GET /v1/channels` | sender | [`services`] |
 //! | `POST /v1/services`, `PATCH /v1/services/S` | admin | [`services`] |
 //! | `POST /v1/tokens` | sender | [`unsubscribe`] |
 //! | `POST /v1/tokens/redeem`, `GET/POST /u/TOKEN` | none (the token) | [`unsubscribe`] |
 //! | `GET /healthz`, `/readyz`, `/metrics`, `/openapi.json` | none | here |
+//! | `/console/…` (HTML, session cookie; not in OpenAPI, counted as `other`) | support | [`crate::console`] |
 //!
 //! [`ROUTES`] lists every (method, path) in the OpenAPI document's terms;
 //! a test keeps it, the router and `openapi.json` in step. Each request is
@@ -578,6 +580,7 @@ where
             (Route::Page, unsubscribe::page_post(app, req, &token).await)
         }
         (Listener::Api, ["u", _]) => (Route::Page, Err(method_not_allowed("GET, POST"))),
+        (Listener::Api, ["console", ..]) => (Route::Other, Ok(crate::console::handle(app, req).await)),
         _ => (Route::Other, Err(ApiError::no_route(&path))),
     }
 }

@@ -104,7 +104,7 @@ fn customer(raw: &str) -> Result<CustomerId> {
 /// `GET /v1/customers/C/preferences`: effective status of every pair, and
 /// the explicit records behind it.
 pub async fn get<B>(app: &App, req: &Incoming<B>, c: &str) -> Result<Reply> {
-    authorize(app, req, Role::Admin)?;
+    authorize(app, req, Role::Support)?;
     let customer = customer(c)?;
     let store = app.store().clone();
     let records = blocking(move || Ok(store.records(customer)?)).await?;
@@ -148,12 +148,13 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let caller = authorize(app, &req, Role::Admin)?;
+    let caller = authorize(app, &req, Role::Support)?;
     let customer = customer(c)?;
     let scope = parse_scope(app, &segment(s)?, &segment(h)?)?;
     let body: PutBody = req.json(app.config().max_body_bytes).await?;
     let status = Status::parse(&body.status)?;
     let reason = check_reason(body.reason)?;
+    crate::auth::require_reason(&caller, reason.as_deref())?;
     let origin = Origin { source: "api".into(), actor: caller.name, client_addr: None, user_agent: None };
     match app.writer().write(Op::SetPreference { customer, scope, status, reason, origin }).await? {
         Applied::Preference { scope, record, .. } => {
@@ -193,7 +194,7 @@ struct AuditPage {
 
 /// `GET /v1/customers/C/audit`: that customer's entries, oldest first.
 pub async fn customer_audit<B>(app: &App, req: &Incoming<B>, c: &str) -> Result<Reply> {
-    authorize(app, req, Role::Admin)?;
+    authorize(app, req, Role::Support)?;
     let customer = customer(c)?;
     let store = app.store().clone();
     let events = blocking(move || Ok(store.customer_events(customer)?)).await?;
@@ -208,7 +209,7 @@ pub async fn customer_audit<B>(app: &App, req: &Incoming<B>, c: &str) -> Result<
 
 /// `GET /v1/audit?after=SEQ&limit=N`: every preference change after SEQ.
 pub async fn audit<B>(app: &App, req: &Incoming<B>) -> Result<Reply> {
-    authorize(app, req, Role::Admin)?;
+    authorize(app, req, Role::Support)?;
     let query = req.parts.uri.query().unwrap_or("");
     let number = |name: &str, default: u64| -> Result<u64> {
         match query_param(query, name) {
