@@ -356,6 +356,10 @@ struct SourceLabels {
     source: String,
 }
 
+/// The kinds of `prefsd_follower_errors_total`.
+pub const FOLLOWER_ERROR_KINDS: [&str; 8] =
+    ["connect", "fetch", "decode", "gap", "apply", "disk_full", "diverged", "resync"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
@@ -496,6 +500,10 @@ impl Metrics {
         );
 
         let follower_errors = Family::<KindLabels, Counter>::default();
+        // Every kind starts at zero, so rates and alerts see the first error.
+        for kind in FOLLOWER_ERROR_KINDS {
+            follower_errors.get_or_create(&KindLabels { kind });
+        }
         sub.register(
             "follower_errors",
             "Cluster mode: errors of the PostgreSQL follower, by kind (connect, fetch, decode, gap, apply, disk_full, diverged, resync)",
