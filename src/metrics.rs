@@ -502,7 +502,7 @@ impl Metrics {
         let follower_errors = Family::<KindLabels, Counter>::default();
         // Every kind starts at zero, so rates and alerts see the first error.
         for kind in FOLLOWER_ERROR_KINDS {
-            follower_errors.get_or_create(&KindLabels { kind });
+            let _ = follower_errors.get_or_create(&KindLabels { kind });
         }
         sub.register(
             "follower_errors",
